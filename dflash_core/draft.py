@@ -217,3 +217,34 @@ class DraftModel(nn.Module):
         for index, layer in enumerate(self.layers):
             x = layer(x, rope, cache.read(index, slots, context_len), mask)
         return self.norm(x)
+
+
+def new_draft_model(config: DraftConfig, seed: int = 0, std: float = 0.02) -> DraftModel:
+    """Build a freshly initialised draft: linear weights ~ N(0, std), norms at one."""
+    generator = torch.Generator().manual_seed(seed)
+    model = DraftModel(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model
+
+
+def check_draft_fits_target(draft: DraftConfig, target: DecoderConfig) -> None:
+    """Raise ConfigError if the draft was not built for a target of this shape."""
+    problems = []
+    if draft.decoder.hidden_size != target.hidden_size:
+        problems.append(f"hidden_size {draft.decoder.hidden_size} != target {target.hidden_size}")
+    if draft.num_target_layers != target.num_layers:
+        problems.append(
+            f"num_target_layers {draft.num_target_layers} != target layers {target.num_layers}"
+        )
+    if draft.decoder.vocab_size != target.vocab_size:
+        problems.append(f"vocab_size {draft.decoder.vocab_size} != target {target.vocab_size}")
+    if problems:
+        raise ConfigError(
+            "the draft does not fit the target model: " + "; ".join(problems)
+            + ". Use a draft trained for this target."
+        )

@@ -20,7 +20,7 @@ from dflash_core.layers import AttentionProjections, RMSNorm, RotaryEmbedding, S
 @dataclass(frozen=True)
 class TargetOutput:
     hidden: torch.Tensor  # [batch, seq, hidden], after the final norm
-    tapped: torch.Tensor | None  # [batch, seq, len(tap_layer_ids) * hidden], or None
+    tapped: torch.Tensor  # [batch, seq, len(tap_layer_ids) * hidden]; last dim 0 with no ids
 
 
 class TargetLayer(nn.Module):
@@ -112,7 +112,11 @@ class TargetModel(nn.Module):
             if index in wanted:
                 tapped[index] = x
         cache.lengths[slots] = starts + seq_len
-        features = torch.cat([tapped[i] for i in tap_layer_ids], dim=-1) if tap_layer_ids else None
+        features = (
+            torch.cat([tapped[i] for i in tap_layer_ids], dim=-1)
+            if tap_layer_ids
+            else x.new_empty(batch, seq_len, 0)
+        )
         return TargetOutput(hidden=self.norm(x), tapped=features)
 
     @torch.inference_mode()
