@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dflash_core.drafting import DraftRequest, Drafter
+from dflash_core.drafting import Drafter, DraftRequest
 from dflash_core.sampling import SamplingParams
 from dflash_core.target import TargetModel
 

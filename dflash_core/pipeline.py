@@ -1,0 +1,155 @@
+"""Load a target, its tokenizer and a draft from the specs a user passes on the command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from dflash_core.checkpoint import load_draft, load_target
+from dflash_core.draft import DraftModel, draft_config_for_target, new_draft_model
+from dflash_core.drafting import DFlashDrafter
+from dflash_core.engine import SpeculativeEngine
+from dflash_core.fetch import DEFAULT_MODEL, resolve_model
+from dflash_core.target import TargetModel
+
+logger = logging.getLogger(__name__)
+
+RANDOM_DRAFT = "random"
+RANDOM_DRAFT_SEED = 0
+DEFAULT_BLOCK_SIZE = 16
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LoadedTarget:
+    model: TargetModel
+    tokenizer: PreTrainedTokenizerBase
+    folder: Path
+    eos_token_ids: tuple[int, ...]
+
+
+def load_target_and_tokenizer(spec: str = DEFAULT_MODEL, dtype: str = "float32") -> LoadedTarget:
+    """Resolve a model spec (known name, .gguf file or HF folder) and load it with its tokenizer."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    folder = resolve_model(spec)
+    model = load_target(folder, dtype=DTYPES[dtype])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return LoadedTarget(model, tokenizer, folder, eos_token_ids(tokenizer, folder))
+
+
+def eos_token_ids(tokenizer: PreTrainedTokenizerBase, folder: Path) -> tuple[int, ...]:
+    """Collect end-of-sequence ids from the tokenizer and generation_config.json."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    generation_config = folder / "generation_config.json"
+    if generation_config.is_file():
+        value = json.loads(generation_config.read_text()).get("eos_token_id")
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(int(v) for v in value)
+    return tuple(sorted(ids))
+
+
+def default_mask_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Pick a mask id for a new draft: the tokenizer's mask token, else an unused special token.
+
+    An added token that is neither bos/eos/pad/unk nor named in the chat template is one the
+    model never needs to read or write in normal use.
+    """
+    if tokenizer.mask_token_id is not None:
+        return int(tokenizer.mask_token_id)
+    reserved = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                tokenizer.unk_token_id}
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    candidates = [
+        token_id
+        for token_id, token in tokenizer.added_tokens_decoder.items()
+        if token_id not in reserved and token.content not in template
+    ]
+    if not candidates:
+        raise ValueError(
+            "the tokenizer has no unused special token to serve as the draft's mask token; "
+            "pass mask_token_id explicitly"
+        )
+    return max(candidates)
+
+
+def build_draft(
+    spec: str,
+    target: LoadedTarget,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    num_layers: int = 1,
+    dtype: str = "float32",
+) -> DraftModel:
+    """Load a draft checkpoint folder, or build a randomly initialised one for `random`."""
+    if spec == RANDOM_DRAFT:
+        config = draft_config_for_target(
+            target.model.config,
+            num_layers=num_layers,
+            block_size=block_size,
+            mask_token_id=default_mask_token_id(target.tokenizer),
+        )
+        logger.info(
+            "building a random draft (seed %d): %d layer(s), block_size %d, mask_token_id %d",
+            RANDOM_DRAFT_SEED, num_layers, block_size, config.mask_token_id,
+        )
+        return new_draft_model(config, seed=RANDOM_DRAFT_SEED).to(DTYPES[dtype]).eval()
+    folder = Path(spec)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"draft {spec!r} not found: pass a folder with config.json and model.safetensors, "
+            f"or {RANDOM_DRAFT!r} for a randomly initialised draft"
+        )
+    return load_draft(folder, dtype=DTYPES[dtype])
+
+
+def build_engine(
+    target: LoadedTarget,
+    draft: DraftModel | None,
+    *,
+    max_seq_len: int,
+    num_slots: int = 1,
+    block_size: int | None = None,
+) -> SpeculativeEngine:
+    drafter = None
+    if draft is not None:
+        drafter = DFlashDrafter.for_target(
+            draft, target.model, num_slots=num_slots, max_seq_len=max_seq_len,
+            block_size=block_size,
+        )
+    return SpeculativeEngine(
+        target.model, drafter, max_seq_len=max_seq_len, num_slots=num_slots,
+        eos_token_ids=target.eos_token_ids,
+    )
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, chat_template: bool = True
+) -> list[int]:
+    """Tokenize a prompt, as a single user message through the chat template by default."""
+    if chat_template and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        # transformers 5 returns a BatchEncoding here, older releases a plain list.
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return tokenizer.encode(prompt, add_special_tokens=True)
+
+
+def decode_output(
+    tokenizer: PreTrainedTokenizerBase, token_ids: list[int], finish_reason: str,
+    stop_ids: tuple[int, ...] = (),
+) -> str:
+    """Decode generated ids to text, leaving out a final stop token."""
+    if finish_reason == "stop" and token_ids and token_ids[-1] in stop_ids:
+        token_ids = token_ids[:-1]
+    return tokenizer.decode(token_ids, skip_special_tokens=True)

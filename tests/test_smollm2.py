@@ -1,0 +1,80 @@
+"""End-to-end checks on the real SmolLM2-135M-Instruct target."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dflash_core.pipeline import (
+    build_draft,
+    build_engine,
+    encode_prompt,
+    load_target_and_tokenizer,
+)
+from dflash_core.sampling import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_target_and_tokenizer()
+
+
+def test_chat_prompt_uses_template(smollm2):
+    ids = encode_prompt(smollm2.tokenizer, "Hi")
+    text = smollm2.tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system")
+    assert text.endswith("<|im_start|>assistant\n")
+    assert smollm2.eos_token_ids == (2,)
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_random_draft_equals_plain_decoding(smollm2, block_size):
+    draft = build_draft("random", smollm2, block_size=block_size)
+    for prompt in PROMPTS:
+        ids = encode_prompt(smollm2.tokenizer, prompt)
+        params = SamplingParams(max_new_tokens=40)
+        plain = build_engine(smollm2, None, max_seq_len=200).generate(ids, params)
+        spec = build_engine(smollm2, draft, max_seq_len=200).generate(ids, params)
+        assert spec.token_ids == plain.token_ids, prompt
+        assert spec.finish_reason == plain.finish_reason
+
+
+def run_cli(*args: str) -> dict:
+    command = [sys.executable, "-m", "dflash_core.cli", "--log-level", "WARNING", "generate",
+               "--json", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_cli_random_draft_matches_no_draft():
+    common = ["--prompt", "Name two colours.", "--max-new-tokens", "24"]
+    speculative = run_cli(*common, "--draft", "random")
+    plain = run_cli(*common, "--no-draft")
+    assert speculative["token_ids"] == plain["token_ids"]
+    assert speculative["text"] == plain["text"]
+    for key in ("text", "token_ids", "finish_reason", "num_steps", "acceptance_lengths",
+                "mean_acceptance_length", "decode_tokens_per_second"):
+        assert key in speculative, key
+    assert sum(speculative["acceptance_lengths"]) == len(speculative["token_ids"]) - 1
+    assert all(n == 1 for n in plain["acceptance_lengths"])
+
+
+def test_cli_rejects_missing_draft(tmp_path: Path):
+    command = [sys.executable, "-m", "dflash_core.cli", "generate", "--draft",
+               str(tmp_path / "nowhere")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2
+    assert "nowhere' not found" in done.stderr
