@@ -83,7 +83,11 @@ def load_target(
     model = model.to(device=device, dtype=dtype)
     logger.info(
         "loaded target %s: %d layers, hidden %d, vocab %d, %s",
-        folder, config.num_layers, config.hidden_size, config.vocab_size, dtype,
+        folder,
+        config.num_layers,
+        config.hidden_size,
+        config.vocab_size,
+        dtype,
     )
     return model.eval()
 
@@ -97,7 +101,10 @@ def load_draft(
     load_weights(model, read_safetensors(folder), f"draft model in {folder}")
     logger.info(
         "loaded draft %s: %d layers, block_size %d, target_layer_ids %s, mask_token_id %d",
-        folder, config.decoder.num_layers, config.block_size, list(config.target_layer_ids),
+        folder,
+        config.decoder.num_layers,
+        config.block_size,
+        list(config.target_layer_ids),
         config.mask_token_id,
     )
     return model.to(dtype).eval()

@@ -47,13 +47,15 @@ def result_json(result: GenerationResult, text: str) -> dict:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default=DEFAULT_MODEL,
+        "--model",
+        default=DEFAULT_MODEL,
         help=f"target model: a known name, a .gguf file or a Hugging Face folder "
         f"(default: {DEFAULT_MODEL})",
     )
     drafts = parser.add_mutually_exclusive_group()
     drafts.add_argument(
-        "--draft", default=RANDOM_DRAFT,
+        "--draft",
+        default=RANDOM_DRAFT,
         help=f"draft checkpoint folder, or {RANDOM_DRAFT!r} for a randomly initialised draft "
         "with a fixed seed (default)",
     )
@@ -61,12 +63,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-draft", action="store_true", help="plain greedy decoding with the target alone"
     )
     parser.add_argument(
-        "--block-size", type=int, default=None,
+        "--block-size",
+        type=int,
+        default=None,
         help=f"draft block size in tokens (default: the draft's own, {DEFAULT_BLOCK_SIZE} for "
         "a random draft)",
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                        help="weight and activation dtype (default: float32)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="weight and activation dtype (default: float32)",
+    )
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -88,17 +96,23 @@ def run_generate(args: argparse.Namespace) -> int:
             f"exceeds the model's context of {limit} tokens; lower --max-new-tokens"
         )
     engine = build_engine(
-        target, draft, max_seq_len=len(prompt_ids) + params.max_new_tokens + block_size,
+        target,
+        draft,
+        max_seq_len=len(prompt_ids) + params.max_new_tokens + block_size,
         block_size=args.block_size,
     )
     logger.info(
         "generating: model %s, draft %s, block_size %d, prompt %d tokens, max_new_tokens %d",
-        target.folder, "none" if draft is None else args.draft, engine.block_size,
-        len(prompt_ids), params.max_new_tokens,
+        target.folder,
+        "none" if draft is None else args.draft,
+        engine.block_size,
+        len(prompt_ids),
+        params.max_new_tokens,
     )
     result = engine.generate(prompt_ids, params)
-    text = decode_output(target.tokenizer, result.token_ids, result.finish_reason,
-                         target.eos_token_ids)
+    text = decode_output(
+        target.tokenizer, result.token_ids, result.finish_reason, target.eos_token_ids
+    )
     if args.json:
         print(json.dumps(result_json(result, text), ensure_ascii=False))
     else:
@@ -122,16 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="generate a completion for one prompt")
-    generate.add_argument("--prompt", default=DEFAULT_PROMPT,
-                          help="prompt text (default: a short coding request)")
+    generate.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help="prompt text (default: a short coding request)"
+    )
     add_model_arguments(generate)
-    generate.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                          help=f"tokens to generate at most (default: {DEFAULT_MAX_NEW_TOKENS})")
-    generate.add_argument("--no-chat-template", action="store_true",
-                          help="tokenize the prompt as raw text instead of a user message")
+    generate.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help=f"tokens to generate at most (default: {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    generate.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="tokenize the prompt as raw text instead of a user message",
+    )
     generate.add_argument("--json", action="store_true", help="print one JSON object")
-    generate.add_argument("--threads", type=int, default=None,
-                          help="torch CPU threads (default: torch's choice)")
+    generate.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     generate.set_defaults(run=run_generate)
     return parser
 
@@ -139,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr,
+        level=args.log_level.upper(),
+        stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

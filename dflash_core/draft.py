@@ -170,8 +170,13 @@ class DraftModel(nn.Module):
     def new_cache(self, num_slots: int, max_seq_len: int) -> KVCache:
         dec = self.config.decoder
         return KVCache(
-            dec.num_layers, num_slots, dec.num_kv_heads, max_seq_len, dec.head_dim,
-            dtype=self.dtype, device=self.device,
+            dec.num_layers,
+            num_slots,
+            dec.num_kv_heads,
+            max_seq_len,
+            dec.head_dim,
+            dtype=self.dtype,
+            device=self.device,
         )
 
     def context_features(self, tapped: torch.Tensor) -> torch.Tensor:
@@ -245,6 +250,7 @@ def check_draft_fits_target(draft: DraftConfig, target: DecoderConfig) -> None:
         problems.append(f"vocab_size {draft.decoder.vocab_size} != target {target.vocab_size}")
     if problems:
         raise ConfigError(
-            "the draft does not fit the target model: " + "; ".join(problems)
+            "the draft does not fit the target model: "
+            + "; ".join(problems)
             + ". Use a draft trained for this target."
         )

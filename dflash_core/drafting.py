@@ -68,7 +68,9 @@ class DFlashDrafter:
         if self.block_size > model.config.block_size:
             logger.warning(
                 "block_size %d is larger than the draft's trained block size %d; acceptance "
-                "may drop", self.block_size, model.config.block_size,
+                "may drop",
+                self.block_size,
+                model.config.block_size,
             )
         self.mask_token_id = model.config.mask_token_id
         self.target_layer_ids = model.config.target_layer_ids
@@ -110,7 +112,9 @@ class DFlashDrafter:
             # by one. Padding every row to the prompt's length would waste work and could write
             # past the end of a row that is close to max_seq_len.
             for i, rows in enumerate(context):
-                self.model.append_context(self.cache, slots[i : i + 1], rows[None], counts[i : i + 1])
+                self.model.append_context(
+                    self.cache, slots[i : i + 1], rows[None], counts[i : i + 1]
+                )
             return
         padded = context[0].new_zeros(len(context), longest, context[0].shape[-1])
         for i, rows in enumerate(context):

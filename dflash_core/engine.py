@@ -110,7 +110,9 @@ class SpeculativeEngine:
         vocab = self.target.config.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary 0..{vocab - 1}")
+            raise ValueError(
+                f"prompt token ids {bad[:5]} are outside the vocabulary 0..{vocab - 1}"
+            )
         # The last block may reach block_size - 1 positions past the final committed token.
         worst = len(prompt_ids) + params.max_new_tokens + self.block_size
         if worst > self.max_seq_len:

@@ -126,7 +126,9 @@ class AttentionProjections(nn.Module):
             k = self.k_norm(k)
         return apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """Attention of q [b, h, sq, d] over k/v [b, kvh, sk, d] with a boolean mask [b, 1, sq, sk]."""
         batch, _, seq_len, _ = q.shape
         out = F.scaled_dot_product_attention(

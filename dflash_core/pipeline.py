@@ -66,8 +66,12 @@ def default_mask_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """
     if tokenizer.mask_token_id is not None:
         return int(tokenizer.mask_token_id)
-    reserved = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                tokenizer.unk_token_id}
+    reserved = {
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        tokenizer.unk_token_id,
+    }
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
     candidates = [
         token_id
@@ -100,7 +104,10 @@ def build_draft(
         )
         logger.info(
             "building a random draft (seed %d): %d layer(s), block_size %d, mask_token_id %d",
-            RANDOM_DRAFT_SEED, num_layers, block_size, config.mask_token_id,
+            RANDOM_DRAFT_SEED,
+            num_layers,
+            block_size,
+            config.mask_token_id,
         )
         return new_draft_model(config, seed=RANDOM_DRAFT_SEED).to(DTYPES[dtype]).eval()
     folder = Path(spec)
@@ -123,11 +130,17 @@ def build_engine(
     drafter = None
     if draft is not None:
         drafter = DFlashDrafter.for_target(
-            draft, target.model, num_slots=num_slots, max_seq_len=max_seq_len,
+            draft,
+            target.model,
+            num_slots=num_slots,
+            max_seq_len=max_seq_len,
             block_size=block_size,
         )
     return SpeculativeEngine(
-        target.model, drafter, max_seq_len=max_seq_len, num_slots=num_slots,
+        target.model,
+        drafter,
+        max_seq_len=max_seq_len,
+        num_slots=num_slots,
         eos_token_ids=target.eos_token_ids,
     )
 
@@ -146,7 +159,9 @@ def encode_prompt(
 
 
 def decode_output(
-    tokenizer: PreTrainedTokenizerBase, token_ids: list[int], finish_reason: str,
+    tokenizer: PreTrainedTokenizerBase,
+    token_ids: list[int],
+    finish_reason: str,
     stop_ids: tuple[int, ...] = (),
 ) -> str:
     """Decode generated ids to text, leaving out a final stop token."""

@@ -81,8 +81,13 @@ class TargetModel(nn.Module):
     def new_cache(self, num_slots: int, max_seq_len: int) -> KVCache:
         cfg = self.config
         return KVCache(
-            cfg.num_layers, num_slots, cfg.num_kv_heads, max_seq_len, cfg.head_dim,
-            dtype=self.dtype, device=self.device,
+            cfg.num_layers,
+            num_slots,
+            cfg.num_kv_heads,
+            max_seq_len,
+            cfg.head_dim,
+            dtype=self.dtype,
+            device=self.device,
         )
 
     @torch.inference_mode()

@@ -50,7 +50,9 @@ def save_random_hf_model(
     return model
 
 
-def random_target(folder: Path, family: str = "llama", seed: int = 0, **overrides: object) -> TargetModel:
+def random_target(
+    folder: Path, family: str = "llama", seed: int = 0, **overrides: object
+) -> TargetModel:
     save_random_hf_model(folder, family, seed, **overrides)
     return load_target(folder)
 

@@ -42,17 +42,29 @@ def test_checkpoint_round_trip(tmp_path, target):
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["dflash_config"] == {"block_size": 8, "mask_token_id": VOCAB - 1,
-                                      "target_layer_ids": [0, 2, 5]}
+    assert saved["dflash_config"] == {
+        "block_size": 8,
+        "mask_token_id": VOCAB - 1,
+        "target_layer_ids": [0, 2, 5],
+    }
     assert saved["architectures"] == ["DFlashDraftModel"]
 
 
 def published_style_config(**changes):
     config = {
-        "architectures": ["DFlashDraftModel"], "model_type": "qwen3", "hidden_size": 64,
-        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": VOCAB, "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0, "num_target_layers": 36, "block_size": 16,
+        "architectures": ["DFlashDraftModel"],
+        "model_type": "qwen3",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": VOCAB,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "num_target_layers": 36,
+        "block_size": 16,
         "dflash_config": {"mask_token_id": 7},
         "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
     }

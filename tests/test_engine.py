@@ -39,8 +39,9 @@ def random_drafter(target, block_size, mask_token_id=VOCAB - 1, seed=0, num_laye
     )
     # A large init makes the random draft confident, so some of its guesses are accepted.
     model = new_draft_model(config, seed=seed, std=0.2)
-    return DFlashDrafter.for_target(model, target, num_slots=1, max_seq_len=MAX_SEQ_LEN,
-                                    block_size=block_size)
+    return DFlashDrafter.for_target(
+        model, target, num_slots=1, max_seq_len=MAX_SEQ_LEN, block_size=block_size
+    )
 
 
 def test_accept_greedy_counts_matching_prefix():
@@ -138,8 +139,9 @@ def test_generated_mask_tokens_are_kept(target):
     prompt = [1, 2, 3]
     reference = plain_output(target, prompt, 40).token_ids
     mask = max(set(reference[2:]), key=reference.count)  # a token the target emits
-    engine = SpeculativeEngine(target, random_drafter(target, 8, mask_token_id=mask),
-                               max_seq_len=MAX_SEQ_LEN)
+    engine = SpeculativeEngine(
+        target, random_drafter(target, 8, mask_token_id=mask), max_seq_len=MAX_SEQ_LEN
+    )
     result = engine.generate(prompt, SamplingParams(max_new_tokens=40))
     assert result.token_ids == reference
     assert mask in result.token_ids
@@ -150,8 +152,9 @@ def test_stop_id_equal_to_mask_id(target):
     reference = plain_output(target, prompt, 40).token_ids
     mask = reference[5]
     cut = reference.index(mask) + 1
-    engine = SpeculativeEngine(target, random_drafter(target, 8, mask_token_id=mask),
-                               max_seq_len=MAX_SEQ_LEN)
+    engine = SpeculativeEngine(
+        target, random_drafter(target, 8, mask_token_id=mask), max_seq_len=MAX_SEQ_LEN
+    )
     result = engine.generate(prompt, SamplingParams(max_new_tokens=40, stop_token_ids=(mask,)))
     assert result.token_ids == reference[:cut]
     assert result.finish_reason == "stop"
@@ -175,8 +178,9 @@ def test_eos_ends_generation(target):
     prompt = [8, 8, 1]
     reference = plain_output(target, prompt, 40).token_ids
     eos = reference[3]
-    engine = SpeculativeEngine(target, random_drafter(target, 4), max_seq_len=MAX_SEQ_LEN,
-                               eos_token_ids=(eos,))
+    engine = SpeculativeEngine(
+        target, random_drafter(target, 4), max_seq_len=MAX_SEQ_LEN, eos_token_ids=(eos,)
+    )
     result = engine.generate(prompt, SamplingParams(max_new_tokens=40))
     assert result.token_ids == reference[: reference.index(eos) + 1]
     assert result.finish_reason == "stop"
@@ -184,7 +188,10 @@ def test_eos_ends_generation(target):
 
 def test_request_too_long_is_rejected_with_numbers(target):
     engine = SpeculativeEngine(target, random_drafter(target, 16), max_seq_len=64)
-    with pytest.raises(RequestTooLongError, match=r"40 tokens \+ max_new_tokens 20 \+ block_size 16 = 76 exceeds max_seq_len 64"):
+    with pytest.raises(
+        RequestTooLongError,
+        match=r"40 tokens \+ max_new_tokens 20 \+ block_size 16 = 76 exceeds max_seq_len 64",
+    ):
         engine.generate(list(range(40)), SamplingParams(max_new_tokens=20))
     # The engine is still usable after a rejection.
     assert len(engine.generate([1, 2], SamplingParams(max_new_tokens=5)).token_ids) == 5
@@ -204,9 +211,10 @@ def test_slot_reused_after_long_request(target):
     engine = SpeculativeEngine(target, random_drafter(target, 4), max_seq_len=MAX_SEQ_LEN)
     engine.generate(prompts(1, seed=9)[0] * 3, SamplingParams(max_new_tokens=60))
     short = [3, 1, 4]
-    assert engine.generate(short, SamplingParams(max_new_tokens=12)).token_ids == plain_output(
-        target, short, 12
-    ).token_ids
+    assert (
+        engine.generate(short, SamplingParams(max_new_tokens=12)).token_ids
+        == plain_output(target, short, 12).token_ids
+    )
 
 
 @pytest.mark.parametrize("block_size", [2, 4, 16])

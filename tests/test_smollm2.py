@@ -51,10 +51,23 @@ def test_random_draft_equals_plain_decoding(smollm2, block_size):
 
 
 def run_cli(*args: str) -> dict:
-    command = [sys.executable, "-m", "dflash_core.cli", "--log-level", "WARNING", "generate",
-               "--json", *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    command = [
+        sys.executable,
+        "-m",
+        "dflash_core.cli",
+        "--log-level",
+        "WARNING",
+        "generate",
+        "--json",
+        *args,
+    ]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -65,16 +78,29 @@ def test_cli_random_draft_matches_no_draft():
     plain = run_cli(*common, "--no-draft")
     assert speculative["token_ids"] == plain["token_ids"]
     assert speculative["text"] == plain["text"]
-    for key in ("text", "token_ids", "finish_reason", "num_steps", "acceptance_lengths",
-                "mean_acceptance_length", "decode_tokens_per_second"):
+    for key in (
+        "text",
+        "token_ids",
+        "finish_reason",
+        "num_steps",
+        "acceptance_lengths",
+        "mean_acceptance_length",
+        "decode_tokens_per_second",
+    ):
         assert key in speculative, key
     assert sum(speculative["acceptance_lengths"]) == len(speculative["token_ids"]) - 1
     assert all(n == 1 for n in plain["acceptance_lengths"])
 
 
 def test_cli_rejects_missing_draft(tmp_path: Path):
-    command = [sys.executable, "-m", "dflash_core.cli", "generate", "--draft",
-               str(tmp_path / "nowhere")]
+    command = [
+        sys.executable,
+        "-m",
+        "dflash_core.cli",
+        "generate",
+        "--draft",
+        str(tmp_path / "nowhere"),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2
     assert "nowhere' not found" in done.stderr

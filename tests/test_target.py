@@ -65,8 +65,11 @@ def test_tapped_layer_ids_are_layer_outputs(tmp_path):
 
 def test_llama3_rope_scaling_matches_transformers(tmp_path):
     scaling = {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
     }
     reference = save_random_hf_model(tmp_path, "llama", rope_scaling=scaling, rope_theta=500000.0)
     model = load_target(tmp_path)
