@@ -6,32 +6,37 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from dflash_core.engine import GenerationResult
+from dflash_core.engine import DEFAULT_PROPOSAL
 from dflash_core.fetch import DEFAULT_MODEL, ConversionError, FetchError
 from dflash_core.pipeline import (
     DEFAULT_BLOCK_SIZE,
     DTYPES,
     RANDOM_DRAFT,
+    LoadedTarget,
     build_draft,
     build_engine,
-    decode_output,
     encode_prompt,
     load_target_and_tokenizer,
 )
-from dflash_core.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+from dflash_core.sampling import DEFAULT_MAX_NEW_TOKENS, PROPOSAL_MODES, SamplingParams
+from dflash_core.scheduler import Request, Scheduler
+from dflash_core.sequence import GenerationResult
 
 logger = logging.getLogger("dflash")
 
+DEFAULT_MAX_BATCH_SIZE = 4
 DEFAULT_PROMPT = "Write a Python function that returns the n-th Fibonacci number."
 
 
-def result_json(result: GenerationResult, text: str) -> dict:
+def result_json(result: GenerationResult) -> dict:
     """The JSON object printed for one generation."""
-    return {
-        "text": text,
+    out = {
+        "text": result.text,
         "token_ids": result.token_ids,
         "finish_reason": result.finish_reason,
         "num_prompt_tokens": result.num_prompt_tokens,
@@ -43,6 +48,9 @@ def result_json(result: GenerationResult, text: str) -> dict:
         "decode_seconds": round(result.decode_seconds, 4),
         "decode_tokens_per_second": round(result.decode_tokens_per_second, 3),
     }
+    if result.logprobs is not None:
+        out["logprobs"] = result.logprobs
+    return out
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +85,70 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def sampling_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """Sampling fields from the command line; a prompts-file line may override each."""
+    fields: dict[str, Any] = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "logprobs": args.logprobs,
+    }
+    if args.stop:
+        fields["stop"] = tuple(args.stop)
+    return fields
+
+
+@dataclass(frozen=True)
+class PromptLine:
+    """One prompt to run, or the error that rejected it before it could run."""
+
+    request_id: str
+    request: Request | None
+    error: str | None = None
+
+
+def read_prompt_lines(args: argparse.Namespace, target: LoadedTarget) -> list[PromptLine]:
+    """Build requests from --prompt or each line of --prompts-file ({"id", "prompt", ...})."""
+    defaults = sampling_defaults(args)
+    if not args.prompts_file:
+        lines = [{"id": "0", "prompt": args.prompt}]
+    else:
+        lines = []
+        with open(args.prompts_file, encoding="utf-8") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError as error:
+                    message = f"{args.prompts_file} line {number}: invalid JSON ({error})"
+                    raise ValueError(message) from None
+                if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                    raise ValueError(
+                        f"{args.prompts_file} line {number}: expected an object with a string "
+                        '"prompt" field, e.g. {"id": "a", "prompt": "Hi"}'
+                    )
+                lines.append({"id": str(record.get("id", number - 1)), **record})
+    out = []
+    for line in lines:
+        request_id = str(line["id"])
+        fields = {k: v for k, v in line.items() if k not in ("id", "prompt", "raw_prompt")}
+        raw = bool(line.get("raw_prompt", args.no_chat_template))
+        try:
+            params = SamplingParams.from_dict({**defaults, **fields})
+            prompt_ids = encode_prompt(target.tokenizer, line["prompt"], not raw)
+        except (ValueError, TypeError) as error:
+            out.append(PromptLine(request_id, None, f"invalid request: {error}"))
+            continue
+        out.append(PromptLine(request_id, Request(request_id, prompt_ids, params)))
+    ids = [line.request_id for line in out]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f'{args.prompts_file}: the "id" fields must be unique')
+    return out
+
+
 def run_generate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,44 +159,62 @@ def run_generate(args: argparse.Namespace) -> int:
             args.draft, target, block_size=args.block_size or DEFAULT_BLOCK_SIZE, dtype=args.dtype
         )
     block_size = args.block_size or (draft.config.block_size if draft else 1)
-    prompt_ids = encode_prompt(target.tokenizer, args.prompt, not args.no_chat_template)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens)
-    limit = target.model.config.max_position_embeddings
-    if len(prompt_ids) + params.max_new_tokens > limit:
-        raise ValueError(
-            f"prompt of {len(prompt_ids)} tokens + max_new_tokens {params.max_new_tokens} "
-            f"exceeds the model's context of {limit} tokens; lower --max-new-tokens"
-        )
+    lines = read_prompt_lines(args, target)
+    valid = [line.request for line in lines if line.request is not None]
+    # Size the KV slots for the longest request, within the model's context.
+    context = target.model.config.max_position_embeddings
+    worst = max((len(r.prompt_ids) + r.params.max_new_tokens for r in valid), default=1)
     engine = build_engine(
         target,
         draft,
-        max_seq_len=len(prompt_ids) + params.max_new_tokens + block_size,
+        max_seq_len=min(worst, context) + block_size,
+        num_slots=max(1, min(args.max_batch_size, len(valid))),
         block_size=args.block_size,
+        proposal=args.proposal,
     )
     logger.info(
-        "generating: model %s, draft %s, block_size %d, prompt %d tokens, max_new_tokens %d",
+        "generating: model %s, draft %s, block_size %d, %d prompt(s), max_batch_size %d",
         target.folder,
         "none" if draft is None else args.draft,
         engine.block_size,
-        len(prompt_ids),
-        params.max_new_tokens,
+        len(lines),
+        engine.num_slots,
     )
-    result = engine.generate(prompt_ids, params)
-    text = decode_output(
-        target.tokenizer, result.token_ids, result.finish_reason, target.eos_token_ids
-    )
-    if args.json:
-        print(json.dumps(result_json(result, text), ensure_ascii=False))
-    else:
-        print(text)
-        print(
-            f"[{len(result.token_ids)} tokens, finish_reason {result.finish_reason}, "
-            f"{result.num_steps} steps, mean acceptance length "
-            f"{result.mean_acceptance_length:.2f}, {result.decode_tokens_per_second:.1f} "
-            "decode tokens/s]",
-            file=sys.stderr,
-        )
-    return 0
+    scheduler = Scheduler(engine)
+    errors = {line.request_id: line.error for line in lines if line.error}
+    runnable = []
+    for request in valid:
+        try:
+            scheduler.submit(request)
+            runnable.append(request)
+        except ValueError as error:
+            logger.error("request %s rejected: %s", request.request_id, error)
+            errors[request.request_id] = str(error)
+    results = {}
+    while scheduler.has_work:
+        for result in scheduler.step():
+            results[result.request_id] = result
+    for line in lines:
+        if line.request_id in errors:
+            output = {"id": line.request_id, "error": errors[line.request_id]}
+            print(json.dumps(output, ensure_ascii=False) if args.json else output["error"])
+            continue
+        result = results[line.request_id]
+        if args.json:
+            output = result_json(result)
+            if args.prompts_file:
+                output = {"id": line.request_id, **output}
+            print(json.dumps(output, ensure_ascii=False))
+        else:
+            print(result.text)
+            print(
+                f"[{len(result.token_ids)} tokens, finish_reason {result.finish_reason}, "
+                f"{result.num_steps} steps, mean acceptance length "
+                f"{result.mean_acceptance_length:.2f}, "
+                f"{result.decode_tokens_per_second:.1f} decode tokens/s]",
+                file=sys.stderr,
+            )
+    return 1 if errors else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,9 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    generate = commands.add_parser("generate", help="generate a completion for one prompt")
-    generate.add_argument(
+    generate = commands.add_parser(
+        "generate", help="generate completions for one prompt or a JSONL file of prompts"
+    )
+    prompts = generate.add_mutually_exclusive_group()
+    prompts.add_argument(
         "--prompt", default=DEFAULT_PROMPT, help="prompt text (default: a short coding request)"
+    )
+    prompts.add_argument(
+        "--prompts-file",
+        help='JSONL file, one {"id": ..., "prompt": ...} per line, optionally with sampling '
+        "fields (max_tokens, temperature, top_k, top_p, seed, stop, stop_token_ids, "
+        "logprobs, raw_prompt) that override the flags; prints one line per input line",
     )
     add_model_arguments(generate)
     generate.add_argument(
@@ -151,7 +250,55 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="tokenize the prompt as raw text instead of a user message",
     )
-    generate.add_argument("--json", action="store_true", help="print one JSON object")
+    generate.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=DEFAULT_MAX_BATCH_SIZE,
+        help=f"sequences decoded together (KV cache slots; default {DEFAULT_MAX_BATCH_SIZE})",
+    )
+    generate.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature; 0 is greedy (default 0)",
+    )
+    generate.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="keep the k most likely tokens; 0 keeps all (default 0)",
+    )
+    generate.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="keep the smallest set of tokens with this total probability (default 1.0)",
+    )
+    generate.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed per request (default: a fresh one each run)",
+    )
+    generate.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        help="stop string; the text ends before it (repeatable)",
+    )
+    generate.add_argument(
+        "--logprobs",
+        action="store_true",
+        help="return the target's log-probability of each generated token",
+    )
+    generate.add_argument(
+        "--proposal",
+        choices=PROPOSAL_MODES,
+        default=DEFAULT_PROPOSAL,
+        help="how sampled requests pick draft tokens: argmax or sampled from the draft "
+        f"(default {DEFAULT_PROPOSAL}; both are lossless)",
+    )
+    generate.add_argument("--json", action="store_true", help="print JSON output")
     generate.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )

@@ -21,13 +21,14 @@ class DraftRequest:
 
     Row `i` has `context_starts[i]` tokens already in the drafter's context for `slots[i]`;
     `context[i]` holds the tapped target states [new_tokens, n * hidden] of the tokens committed
-    since then (the whole prompt for a new sequence, whose start is 0). `last_tokens[i]` is the
-    newest committed token, which opens the block.
+    since then (the whole prompt for a new sequence, whose start is 0) and `context_tokens[i]`
+    their token ids. `last_tokens[i]` is the newest committed token, which opens the block.
     """
 
     slots: list[int]
     context_starts: list[int]
     context: list[torch.Tensor]
+    context_tokens: list[list[int]]
     last_tokens: list[int]
 
 

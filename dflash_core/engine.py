@@ -3,85 +3,52 @@
 One decode step for every running sequence:
   1. draft:  the drafter proposes `block_size - 1` tokens after the newest committed token;
   2. verify: the target runs `[newest token, drafts...]` in one forward pass;
-  3. accept: keep the longest prefix of drafts that equals the target's greedy choice;
-  4. commit: append the accepted drafts plus the target's bonus token, cut the target KV cache
-     back to the tokens the target has now seen, and hand their tapped states to the drafter.
-Without a drafter the same loop is plain greedy decoding (block of one token), the reference
-that speculative output must equal token for token.
+  3. accept: greedy rows keep the longest prefix of drafts equal to the target's argmax;
+     sampling rows use rejection sampling, which keeps the target's distribution;
+  4. commit: append the accepted drafts plus one token of the target's own, cut the target KV
+     cache back to the tokens the target has now seen, and queue their tapped states for the
+     drafter.
+Without a drafter the same loop is plain decoding (a block of one token), the reference that
+speculative output must equal token for token under greedy decoding.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import torch
 
+from dflash_core.detokenize import OutputText
 from dflash_core.drafting import Drafter, DraftRequest
-from dflash_core.sampling import SamplingParams
+from dflash_core.sampling import (
+    PROPOSAL_MODES,
+    SamplingParams,
+    accept_sampled,
+    filtered_probs,
+    sample,
+)
+from dflash_core.sequence import GenerationResult, Sequence
 from dflash_core.target import TargetModel
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_PROPOSAL = "argmax"
 
 
 class RequestTooLongError(ValueError):
     """A request whose worst-case length cannot fit in a KV cache slot."""
 
 
-@dataclass
-class Sequence:
-    """A request being decoded, with everything committed so far."""
-
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    stop_ids: frozenset[int]
-    slot: int
-    output_ids: list[int] = field(default_factory=list)
-    acceptance_lengths: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    # Tapped target states of committed tokens that the drafter has not seen yet, and the
-    # number of tokens the drafter already holds for this slot.
-    pending_context: torch.Tensor | None = None  # [new_tokens, n * hidden]
-    context_start: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-
-    @property
-    def num_cached(self) -> int:
-        """Tokens in the target KV cache: all but the newest committed token."""
-        return len(self.prompt_ids) + len(self.output_ids) - 1
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    request_id: str
-    token_ids: list[int]  # generated ids only; ends with the stop token when one ended it
-    finish_reason: str  # "stop" or "length"
-    num_prompt_tokens: int
-    acceptance_lengths: list[int]  # committed tokens per decode step, counting only returned ones
-    prefill_seconds: float
-    decode_seconds: float
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.acceptance_lengths)
-
-    @property
-    def mean_acceptance_length(self) -> float:
-        steps = self.acceptance_lengths
-        return sum(steps) / len(steps) if steps else 0.0
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        """Tokens committed by decode steps per second of decoding (the prefill token excluded)."""
-        decoded = sum(self.acceptance_lengths)
-        return decoded / self.decode_seconds if self.decode_seconds > 0 else 0.0
-
-
 class SpeculativeEngine:
-    """Decodes requests over `num_slots` KV cache rows, with or without a drafter."""
+    """Decodes requests over `num_slots` KV cache rows, with or without a drafter.
+
+    `decode` turns token ids into text; without it results carry no text and stop strings
+    are rejected. `proposal` picks how sampling rows choose draft tokens: "argmax" (one-hot
+    q) or "sampled" (drawn from the draft distribution). Both keep the output lossless.
+    """
 
     def __init__(
         self,
@@ -91,14 +58,21 @@ class SpeculativeEngine:
         max_seq_len: int,
         num_slots: int = 1,
         eos_token_ids: tuple[int, ...] = (),
+        decode: Callable[[list[int]], str] | None = None,
+        proposal: str = DEFAULT_PROPOSAL,
     ) -> None:
+        if proposal not in PROPOSAL_MODES:
+            raise ValueError(f"proposal {proposal!r} is invalid; choose one of {PROPOSAL_MODES}")
         self.target = target
         self.drafter = drafter
         self.block_size = drafter.block_size if drafter else 1
         self.tap_layer_ids = drafter.target_layer_ids if drafter else ()
         self.max_seq_len = max_seq_len
+        self.num_slots = num_slots
         self.cache = target.new_cache(num_slots, max_seq_len)
         self.eos_token_ids = tuple(eos_token_ids)
+        self.decode = decode
+        self.proposal = proposal
         self.free_slots = list(range(num_slots))
 
     # ---- requests ---------------------------------------------------------------------
@@ -112,6 +86,15 @@ class SpeculativeEngine:
         if bad:
             raise ValueError(
                 f"prompt token ids {bad[:5]} are outside the vocabulary 0..{vocab - 1}"
+            )
+        if params.stop and self.decode is None:
+            raise ValueError("stop strings need an engine with a tokenizer to decode text")
+        context = self.target.config.max_position_embeddings
+        if len(prompt_ids) + params.max_new_tokens > context:
+            raise RequestTooLongError(
+                f"prompt of {len(prompt_ids)} tokens + max_new_tokens {params.max_new_tokens} "
+                f"exceeds the model's context of {context} tokens; shorten the prompt or "
+                "lower max_new_tokens"
             )
         # The last block may reach block_size - 1 positions past the final committed token.
         worst = len(prompt_ids) + params.max_new_tokens + self.block_size
@@ -128,20 +111,25 @@ class SpeculativeEngine:
         self.check_request(prompt_ids, params)
         if not self.free_slots:
             raise RuntimeError("no free KV cache slot; wait for a running sequence to finish")
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
         seq = Sequence(
             request_id=request_id,
             prompt_ids=list(prompt_ids),
             params=params,
             stop_ids=frozenset(self.eos_token_ids + params.stop_token_ids),
             slot=self.free_slots.pop(0),
+            generator=torch.Generator().manual_seed(seed),
+            text=OutputText(self.decode, params.stop) if self.decode else None,
         )
         began = time.perf_counter()
         self.cache.reset(seq.slot)
         ids = torch.tensor([prompt_ids], device=self.target.device)
         out = self.target(ids, self.cache, torch.tensor([seq.slot]), self.tap_layer_ids)
-        first = int(self.target.logits(out.hidden[:, -1]).argmax(-1))
+        logits = self.target.logits(out.hidden[0, -1:])  # [1, vocab]
+        first = self._choose(seq, logits)
         seq.pending_context = out.tapped[0]
-        self._commit(seq, [first])
+        seq.pending_tokens = list(prompt_ids)
+        seq.commit([first], self._logprobs(seq, logits, [first]))
         seq.prefill_seconds = time.perf_counter() - began
         return seq
 
@@ -149,15 +137,7 @@ class SpeculativeEngine:
         """Release the sequence's slot and return its result."""
         self.free_slots.append(seq.slot)
         self.free_slots.sort()
-        return GenerationResult(
-            request_id=seq.request_id,
-            token_ids=seq.output_ids,
-            finish_reason=seq.finish_reason or "length",
-            num_prompt_tokens=len(seq.prompt_ids),
-            acceptance_lengths=seq.acceptance_lengths,
-            prefill_seconds=seq.prefill_seconds,
-            decode_seconds=seq.decode_seconds,
-        )
+        return seq.result()
 
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str = "0"
@@ -181,52 +161,90 @@ class SpeculativeEngine:
         slots = torch.tensor([seq.slot for seq in batch], device=device)
         last = torch.tensor([[seq.output_ids[-1]] for seq in batch], device=device)  # [batch, 1]
 
-        drafts = self.draft(batch)  # [batch, block_size - 1]
+        drafts, draft_probs = self.draft(batch)  # [batch, block_size - 1]
         block = torch.cat([last, drafts], dim=1)  # [batch, block_size]
         out = self.target(block, self.cache, slots, self.tap_layer_ids)
-        target_tokens = self.target.logits(out.hidden).argmax(-1)  # [batch, block_size]
-        num_accepted = accept_greedy(drafts, target_tokens)  # [batch]
+        logits = self.target.logits(out.hidden)  # [batch, block_size, vocab]
 
-        elapsed = time.perf_counter() - began
         for row, seq in enumerate(batch):
-            k = int(num_accepted[row])
             start = seq.num_cached
-            # The target has now seen the newest token and the k accepted drafts.
-            self.cache.truncate(seq.slot, start + k + 1)
-            seq.pending_context = out.tapped[row, : k + 1]
-            committed = drafts[row, :k].tolist() + [int(target_tokens[row, k])]
-            seq.acceptance_lengths.append(self._commit(seq, committed))
+            committed = self.accept(seq, drafts[row], draft_probs[row], logits[row])
+            # The target keeps the newest token and the accepted drafts: one fewer than committed.
+            num_seen = len(committed)
+            self.cache.truncate(seq.slot, start + num_seen)
+            seq.pending_context = out.tapped[row, :num_seen]
+            seq.pending_tokens = block[row, :num_seen].tolist()
+            kept = seq.commit(committed, self._logprobs(seq, logits[row], committed))
+            seq.acceptance_lengths.append(kept)
+        elapsed = time.perf_counter() - began
+        for seq in batch:
             seq.decode_seconds += elapsed
 
-    def draft(self, batch: list[Sequence]) -> torch.Tensor:
-        """Return draft tokens [batch, block_size - 1] (no columns without a drafter)."""
+    def draft(self, batch: list[Sequence]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Propose draft tokens [batch, block_size - 1] and, per row, the proposal distribution.
+
+        The distribution is None where the proposal is one-hot (greedy rows, argmax mode).
+        """
+        device = self.target.device
         if self.drafter is None:
-            return torch.empty(len(batch), 0, dtype=torch.long, device=self.target.device)
+            return torch.empty(len(batch), 0, dtype=torch.long, device=device), [None] * len(batch)
         request = DraftRequest(
             slots=[seq.slot for seq in batch],
             context_starts=[seq.context_start for seq in batch],
             context=[seq.pending_context for seq in batch],
+            context_tokens=[seq.pending_tokens for seq in batch],
             last_tokens=[seq.output_ids[-1] for seq in batch],
         )
-        logits = self.drafter.draft(request)
+        logits = self.drafter.draft(request).to(device)  # [batch, block_size - 1, vocab]
         for seq in batch:
-            seq.context_start += seq.pending_context.shape[0]
+            seq.context_start += len(seq.pending_tokens)
             seq.pending_context = None
-        return logits.argmax(-1).to(self.target.device)
+            seq.pending_tokens = []
+        drafts = logits.argmax(-1)
+        draft_probs: list[torch.Tensor | None] = [None] * len(batch)
+        if self.proposal == "sampled":
+            for row, seq in enumerate(batch):
+                if seq.params.greedy:
+                    continue
+                probs = filtered_probs(logits[row], seq.params)  # [block_size - 1, vocab]
+                drafts[row] = torch.multinomial(probs, 1, generator=seq.generator)[:, 0]
+                draft_probs[row] = probs
+        return drafts, draft_probs
 
-    def _commit(self, seq: Sequence, tokens: list[int]) -> int:
-        """Append tokens up to the first stop token or max_new_tokens; return how many were kept."""
-        kept = 0
-        for token in tokens:
-            seq.output_ids.append(token)
-            kept += 1
-            if token in seq.stop_ids:
-                seq.finish_reason = "stop"
-                break
-            if len(seq.output_ids) >= seq.params.max_new_tokens:
-                seq.finish_reason = "length"
-                break
-        return kept
+    def accept(
+        self,
+        seq: Sequence,
+        drafts: torch.Tensor,
+        draft_probs: torch.Tensor | None,
+        logits: torch.Tensor,
+    ) -> list[int]:
+        """Return the tokens one row commits: accepted drafts plus one target token.
+
+        drafts: [block_size - 1]; logits: [block_size, vocab], row i the target's prediction
+        after block position i.
+        """
+        if seq.params.greedy:
+            target_tokens = logits.argmax(-1)
+            k = int(accept_greedy(drafts[None], target_tokens[None])[0])
+            return drafts[:k].tolist() + [int(target_tokens[k])]
+        return accept_sampled(
+            drafts.tolist(), draft_probs, filtered_probs(logits, seq.params), seq.generator
+        )
+
+    def _choose(self, seq: Sequence, logits: torch.Tensor) -> int:
+        """Pick one token from logits [1, vocab] (prefill): argmax or a filtered sample."""
+        if seq.params.greedy:
+            return int(logits[0].argmax())
+        return sample(filtered_probs(logits[0], seq.params), seq.generator)
+
+    def _logprobs(
+        self, seq: Sequence, logits: torch.Tensor, tokens: list[int]
+    ) -> list[float] | None:
+        """Target log-probabilities (temperature 1, unfiltered) of tokens[i] under logits[i]."""
+        if not seq.params.logprobs:
+            return None
+        rows = logits[: len(tokens)].float().log_softmax(-1)
+        return rows[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
 
 
 def accept_greedy(drafts: torch.Tensor, target_tokens: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from dflash_core.checkpoint import load_draft, load_target
 from dflash_core.draft import DraftModel, draft_config_for_target, new_draft_model
 from dflash_core.drafting import DFlashDrafter
-from dflash_core.engine import SpeculativeEngine
+from dflash_core.engine import DEFAULT_PROPOSAL, SpeculativeEngine
 from dflash_core.fetch import DEFAULT_MODEL, resolve_model
 from dflash_core.target import TargetModel
 
@@ -126,6 +127,7 @@ def build_engine(
     max_seq_len: int,
     num_slots: int = 1,
     block_size: int | None = None,
+    proposal: str = DEFAULT_PROPOSAL,
 ) -> SpeculativeEngine:
     drafter = None
     if draft is not None:
@@ -142,6 +144,8 @@ def build_engine(
         max_seq_len=max_seq_len,
         num_slots=num_slots,
         eos_token_ids=target.eos_token_ids,
+        decode=partial(target.tokenizer.decode, skip_special_tokens=True),
+        proposal=proposal,
     )
 
 
@@ -156,15 +160,3 @@ def encode_prompt(
         # transformers 5 returns a BatchEncoding here, older releases a plain list.
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     return tokenizer.encode(prompt, add_special_tokens=True)
-
-
-def decode_output(
-    tokenizer: PreTrainedTokenizerBase,
-    token_ids: list[int],
-    finish_reason: str,
-    stop_ids: tuple[int, ...] = (),
-) -> str:
-    """Decode generated ids to text, leaving out a final stop token."""
-    if finish_reason == "stop" and token_ids and token_ids[-1] in stop_ids:
-        token_ids = token_ids[:-1]
-    return tokenizer.decode(token_ids, skip_special_tokens=True)

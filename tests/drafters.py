@@ -42,3 +42,48 @@ class OracleDrafter:
             logits[row, torch.arange(width), torch.tensor(proposal)] = 10.0
         self.steps += 1
         return logits
+
+
+class TargetAsDrafter:
+    """Drafts with the target model itself, greedily, with optional noise on its logits.
+
+    With no noise every draft is accepted under greedy decoding, so whole blocks commit; with
+    noise the proposals are wrong now and then, at places no test can predict. The proposal
+    logits of slot i are the target's, after the drafter's own greedy guesses for slots
+    1..i-1, so they depend only on the committed context, as a real draft's do.
+    """
+
+    def __init__(
+        self,
+        target,
+        block_size: int,
+        num_slots: int,
+        max_seq_len: int,
+        noise: float = 0.0,
+        seed: int = 0,
+    ):
+        self.target = target
+        self.block_size = block_size
+        self.target_layer_ids = ()
+        self.cache = target.new_cache(num_slots, max_seq_len)
+        self.noise = noise
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.inference_mode()
+    def draft(self, request: DraftRequest) -> torch.Tensor:
+        slots = torch.tensor(request.slots)
+        self.cache.lengths[slots] = torch.tensor(request.context_starts)
+        for slot, tokens in zip(request.slots, request.context_tokens):
+            if tokens:
+                self.target(torch.tensor([tokens]), self.cache, torch.tensor([slot]))
+        committed = self.cache.lengths[slots].clone()
+        current = torch.tensor(request.last_tokens)[:, None]  # [batch, 1]
+        steps = []
+        for _ in range(self.block_size - 1):
+            logits = self.target.logits(self.target(current, self.cache, slots).hidden)[:, -1]
+            if self.noise:
+                logits = logits + self.noise * torch.randn(logits.shape, generator=self.generator)
+            steps.append(logits)
+            current = logits.argmax(-1, keepdim=True)
+        self.cache.lengths[slots] = committed
+        return torch.stack(steps, dim=1)  # [batch, block_size - 1, vocab]

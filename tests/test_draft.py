@@ -136,7 +136,14 @@ def test_incremental_draft_matches_reference(target):
     # Feed the context in three uneven pieces, as decode steps would.
     start = 0
     for end in (9, 10, 17):
-        logits = drafter.draft(DraftRequest([2], [start], [tapped[start:end]], [int(ids[0, end])]))
+        request = DraftRequest(
+            slots=[2],
+            context_starts=[start],
+            context=[tapped[start:end]],
+            context_tokens=[ids[0, start:end].tolist()],
+            last_tokens=[int(ids[0, end])],
+        )
+        logits = drafter.draft(request)
         start = end
     block = torch.tensor([[int(ids[0, 17])] + [VOCAB - 1] * 7])
     expected = reference_draft_logits(model, target, tapped[None, :17], block, 17)
@@ -148,7 +155,8 @@ def test_draft_rows_are_independent(target):
     drafter = DFlashDrafter.for_target(model, target, num_slots=2, max_seq_len=64)
     gen = torch.Generator().manual_seed(1)
     contexts = [torch.randn(n, model.fc.in_features, generator=gen) for n in (3, 11)]
-    together = drafter.draft(DraftRequest([0, 1], [0, 0], contexts, [5, 6]))
+    tokens = [[1] * len(c) for c in contexts]
+    together = drafter.draft(DraftRequest([0, 1], [0, 0], contexts, tokens, [5, 6]))
     for row in range(2):
-        alone = drafter.draft(DraftRequest([row], [0], [contexts[row]], [5 + row]))
+        alone = drafter.draft(DraftRequest([row], [0], [contexts[row]], [tokens[row]], [5 + row]))
         assert_close(together[row], alone[0], 1e-5, f"row {row}")
