@@ -105,7 +105,7 @@ def test_stop_inside_accepted_block_in_batch(target):
     drafter = TargetAsDrafter(target, 16, num_slots=4, max_seq_len=MAX_SEQ_LEN)
     engine = SpeculativeEngine(target, drafter, max_seq_len=MAX_SEQ_LEN, num_slots=4)
     results = Scheduler(engine).run([r for r, _, _ in stopped])
-    for (request, reference, stop), result in zip(stopped, results):
+    for (_, reference, stop), result in zip(stopped, results):
         cut = reference.index(stop) + 1
         assert result.token_ids == reference[:cut]
         assert result.finish_reason == "stop"
