@@ -33,14 +33,22 @@ def plain_output(target, prompt, max_new_tokens, stop_token_ids=()):
     return engine.generate(prompt, params)
 
 
-def random_drafter(target, block_size, mask_token_id=VOCAB - 1, seed=0, num_layers=2):
+def random_drafter(
+    target,
+    block_size,
+    mask_token_id=VOCAB - 1,
+    seed=0,
+    num_layers=2,
+    num_slots=1,
+    max_seq_len=MAX_SEQ_LEN,
+):
     config = draft_config_for_target(
         target.config, num_layers=num_layers, block_size=16, mask_token_id=mask_token_id
     )
-    # A large init makes the random draft confident, so some of its guesses are accepted.
+    # A larger init than training's makes the random draft's guesses more varied.
     model = new_draft_model(config, seed=seed, std=0.2)
     return DFlashDrafter.for_target(
-        model, target, num_slots=1, max_seq_len=MAX_SEQ_LEN, block_size=block_size
+        model, target, num_slots=num_slots, max_seq_len=max_seq_len, block_size=block_size
     )
 
 

@@ -30,6 +30,11 @@ def smollm2():
     return load_target_and_tokenizer()
 
 
+@pytest.fixture(autouse=True)
+def use_all_cores(threads):
+    """Run this module's real-model tests on every core."""
+
+
 def test_chat_prompt_uses_template(smollm2):
     ids = encode_prompt(smollm2.tokenizer, "Hi")
     text = smollm2.tokenizer.decode(ids)
