@@ -161,13 +161,15 @@ def run_generate(args: argparse.Namespace) -> int:
     block_size = args.block_size or (draft.config.block_size if draft else 1)
     lines = read_prompt_lines(args, target)
     valid = [line.request for line in lines if line.request is not None]
-    # Size the KV slots for the longest request, within the model's context.
+    # Size the KV slots for the longest request that fits the model's context; longer ones are
+    # rejected at submit.
     context = target.model.config.max_position_embeddings
-    worst = max((len(r.prompt_ids) + r.params.max_new_tokens for r in valid), default=1)
+    lengths = [len(r.prompt_ids) + r.params.max_new_tokens for r in valid]
+    longest = max((n for n in lengths if n <= context), default=1)
     engine = build_engine(
         target,
         draft,
-        max_seq_len=min(worst, context) + block_size,
+        max_seq_len=longest + block_size,
         num_slots=max(1, min(args.max_batch_size, len(valid))),
         block_size=args.block_size,
         proposal=args.proposal,

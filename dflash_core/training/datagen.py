@@ -1,0 +1,73 @@
+"""Generate training data: the target answers training prompts, stored as token ids.
+
+Each finished response is appended to a JSONL file at once, so an interrupted run resumes by
+skipping the record ids already written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from dflash_core.engine import SpeculativeEngine
+from dflash_core.sampling import SamplingParams
+from dflash_core.scheduler import Request, Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+def done_record_ids(path: Path) -> set[str]:
+    """Record ids already in an output file; a truncated last line is dropped."""
+    if not path.is_file():
+        return set()
+    done = set()
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    for number, line in enumerate(lines):
+        try:
+            done.add(json.loads(line)["record_id"])
+        except (json.JSONDecodeError, KeyError):
+            if number != len(lines) - 1:
+                raise ValueError(f"{path} line {number + 1} is corrupt; remove it to resume")
+            # An interrupted write: rewrite the file without its last line.
+            path.write_text("".join(lines[:-1]), encoding="utf-8")
+    return done
+
+
+def generate_responses(
+    engine: SpeculativeEngine,
+    prompts: Iterable[tuple[str, list[int]]],
+    out_path: str | Path,
+    params: SamplingParams,
+) -> int:
+    """Answer (record_id, prompt_ids) pairs with the engine; returns how many were written."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    done = done_record_ids(out_path)
+    todo = [(rid, ids) for rid, ids in prompts if rid not in done]
+    if done:
+        logger.info("resuming: %d responses already in %s, %d to go", len(done), out_path, len(todo))
+    prompt_ids = dict(todo)
+    scheduler = Scheduler(engine, max_prefills_per_step=engine.num_slots)
+    for record_id, ids in todo:
+        scheduler.submit(Request(record_id, ids, params))
+    written = 0
+    with open(out_path, "a", encoding="utf-8") as handle, tqdm(
+        total=len(todo), desc="generating responses", unit="prompt"
+    ) as progress:
+        while scheduler.has_work:
+            for result in scheduler.step():
+                record = {
+                    "record_id": result.request_id,
+                    "prompt_ids": prompt_ids[result.request_id],
+                    "response_ids": result.token_ids,
+                    "finish_reason": result.finish_reason,
+                }
+                handle.write(json.dumps(record) + "\n")
+                handle.flush()
+                written += 1
+                progress.update(1)
+    return written

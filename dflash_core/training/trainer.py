@@ -1,0 +1,281 @@
+"""Train a DFlash draft for a frozen target on target-generated responses.
+
+Target hidden states are computed once per sequence before the first epoch and kept in memory
+(bf16): the target is frozen, so they never change, and a second pass per epoch would cost a
+full target forward per sequence. Anchors are re-drawn every epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dflash_core.checkpoint import load_draft, save_draft
+from dflash_core.draft import (
+    DraftModel,
+    default_target_layer_ids,
+    draft_config_for_target,
+    new_draft_model,
+)
+from dflash_core.target import TargetModel
+from dflash_core.training.blocks import (
+    block_attention_mask,
+    default_gamma,
+    draft_blocks_forward,
+    sample_anchors,
+    slot_weights,
+)
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+TRAINER_STATE = "trainer_state.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_layers: int = 1
+    block_size: int = 8
+    num_tapped_layers: int = 3  # target layers read by the draft, spaced by the default rule
+    intermediate_size: int | None = None  # None: the target's
+    mask_token_id: int = 0
+    anchors_per_sequence: int = 32
+    gamma: float | None = None  # None: default_gamma(block_size)
+    learning_rate: float = 6e-4
+    warmup_ratio: float = 0.04
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    epochs: int = 3
+    sequences_per_step: int = 4
+    checkpoint_every: int = 100  # optimizer steps
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainingSequence:
+    record_id: str
+    token_ids: list[int]  # prompt followed by the target's response
+    response_start: int
+
+
+@dataclass
+class StepStats:
+    loss: float
+    slot_accuracy: list[float]  # per slot 1..B-1: fraction of argmax hits
+
+
+def read_sequences(path: str | Path, max_len: int) -> list[TrainingSequence]:
+    """Read generated data (JSONL with prompt_ids and response_ids), cut to max_len tokens."""
+    sequences = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            ids = (record["prompt_ids"] + record["response_ids"])[:max_len]
+            start = len(record["prompt_ids"])
+            if len(ids) - start >= 2:
+                sequences.append(TrainingSequence(record["record_id"], ids, start))
+    if not sequences:
+        raise ValueError(f"no usable training sequences in {path}")
+    return sequences
+
+
+@torch.inference_mode()
+def tap_target(
+    target: TargetModel, sequences: list[TrainingSequence], layer_ids: tuple[int, ...]
+) -> list[torch.Tensor]:
+    """Return tapped target states [T, n * hidden] (bf16) for every sequence."""
+    features = []
+    for seq in tqdm(sequences, desc="target hidden states", unit="seq"):
+        cache = target.new_cache(1, len(seq.token_ids))
+        out = target(torch.tensor([seq.token_ids]), cache, torch.tensor([0]), layer_ids)
+        features.append(out.tapped[0].to(torch.bfloat16))
+    return features
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class DraftTrainer:
+    def __init__(
+        self,
+        target: TargetModel,
+        sequences: list[TrainingSequence],
+        config: TrainConfig,
+        out_dir: str | Path,
+    ) -> None:
+        self.target = target.float().eval()
+        for param in self.target.parameters():
+            param.requires_grad_(False)
+        self.sequences = sequences
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.gamma = config.gamma or default_gamma(config.block_size)
+        layer_ids = default_target_layer_ids(target.config.num_layers, config.num_tapped_layers)
+        draft_config = draft_config_for_target(
+            target.config,
+            num_layers=config.num_layers,
+            block_size=config.block_size,
+            mask_token_id=config.mask_token_id,
+            target_layer_ids=layer_ids,
+            intermediate_size=config.intermediate_size,
+        )
+        self.model: DraftModel = new_draft_model(draft_config, seed=config.seed).train()
+        self.weights = slot_weights(config.block_size, self.gamma)
+        steps_per_epoch = math.ceil(len(sequences) / config.sequences_per_step)
+        self.total_steps = steps_per_epoch * config.epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        warmup = max(1, int(config.warmup_ratio * self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: cosine_with_warmup(step, self.total_steps, warmup)
+        )
+        self.step = 0
+        self.features: list[torch.Tensor] = []
+
+    # ---- one sequence ----------------------------------------------------------------------
+
+    def sequence_loss(
+        self, index: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (weighted loss sum, weight sum, hits [B] and counts [B] stacked) for a sequence."""
+        seq = self.sequences[index]
+        block_size = self.config.block_size
+        tokens = torch.tensor(seq.token_ids)
+        anchors = sample_anchors(
+            len(tokens), seq.response_start, self.config.anchors_per_sequence, generator
+        )
+        slot = torch.arange(block_size)
+        positions = (anchors[:, None] + slot).flatten()  # [A * B]
+        block_ids = torch.full((len(anchors), block_size), self.model.config.mask_token_id)
+        block_ids[:, 0] = tokens[anchors]
+        labels = torch.where(positions < len(tokens), tokens[positions.clamp_max(len(tokens) - 1)], -100)
+        labels = labels.view(len(anchors), block_size)
+        labels[:, 0] = -100  # slot 0 holds a known token
+        context = self.model.context_features(self.features[index].float()[None])[0]
+        mask = block_attention_mask(anchors, block_size, len(tokens))
+        embeds = self.target.embed_tokens(block_ids.flatten())
+        hidden = draft_blocks_forward(self.model, embeds, positions, context, mask)
+        logits = self.target.lm_head(hidden).view(len(anchors), block_size, -1)
+        losses = F.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
+        ).view(len(anchors), block_size)
+        valid = labels != -100
+        weights = self.weights[None, :] * valid
+        hits = ((logits.argmax(-1) == labels) & valid).sum(0)
+        return (losses * weights).sum(), weights.sum(), torch.stack([hits, valid.sum(0)])
+
+    # ---- loop ------------------------------------------------------------------------------
+
+    def train(self, stop_at_step: int | None = None) -> dict:
+        """Run all epochs, resuming from the last checkpoint if there is one; returns a summary.
+
+        `stop_at_step` ends this call early (after a checkpoint) so long runs can be split.
+        """
+        began = time.perf_counter()
+        self._resume()
+        if not self.features:
+            self.features = tap_target(self.target, self.sequences, self.model.config.target_layer_ids)
+        config = self.config
+        progress = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step")
+        last = StepStats(float("nan"), [])
+        end = min(self.total_steps, stop_at_step or self.total_steps)
+        while self.step < end:
+            epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+            order = torch.randperm(
+                len(self.sequences), generator=torch.Generator().manual_seed(config.seed + epoch)
+            )
+            start = step_in_epoch * config.sequences_per_step
+            batch = order[start : start + config.sequences_per_step].tolist()
+            # Anchors depend on (seed, epoch, step), so a resumed run draws the same ones.
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.step)
+            last = self._optimizer_step(batch, generator)
+            self.step += 1
+            progress.update(1)
+            progress.set_postfix(
+                loss=f"{last.loss:.3f}",
+                acc=" ".join(f"{a:.2f}" for a in last.slot_accuracy[:4]),
+                epoch=epoch,
+            )
+            if self.step % config.checkpoint_every == 0 or self.step == end:
+                self._save_checkpoint()
+        progress.close()
+        save_draft(self.model.eval(), self.out_dir)
+        summary = {
+            "steps": self.step,
+            "epochs": config.epochs,
+            "sequences": len(self.sequences),
+            "final_loss": last.loss,
+            "final_slot_accuracy": last.slot_accuracy,
+            "wall_seconds": round(time.perf_counter() - began, 1),
+            "gamma": self.gamma,
+            "target_layer_ids": list(self.model.config.target_layer_ids),
+            "hardware": f"{platform.machine()} {platform.processor() or ''} "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}".strip(),
+            "config": asdict(config),
+        }
+        (self.out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def _optimizer_step(self, batch: list[int], generator: torch.Generator) -> StepStats:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = torch.zeros(())
+        total_weight = torch.zeros(())
+        counts = torch.zeros(2, self.config.block_size)
+        for index in batch:
+            loss, weight, stats = self.sequence_loss(index, generator)
+            total_loss = total_loss + loss
+            total_weight = total_weight + weight
+            counts += stats
+        loss = total_loss / total_weight.clamp_min(1e-6)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        accuracy = (counts[0, 1:] / counts[1, 1:].clamp_min(1)).tolist()
+        return StepStats(loss.item(), accuracy)
+
+    def _save_checkpoint(self) -> None:
+        folder = self.out_dir / CHECKPOINT_DIR
+        save_draft(self.model, folder)
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "config": asdict(self.config),
+        }
+        torch.save(state, folder / TRAINER_STATE)
+        logger.info("checkpoint at step %d/%d saved to %s", self.step, self.total_steps, folder)
+
+    def _resume(self) -> None:
+        folder = self.out_dir / CHECKPOINT_DIR
+        state_file = folder / TRAINER_STATE
+        if not state_file.is_file():
+            return
+        state = torch.load(state_file, weights_only=False)
+        if state["config"] != asdict(self.config):
+            raise ValueError(
+                f"the checkpoint in {folder} was made with another training config; use a new "
+                "--out folder or the same options"
+            )
+        self.model.load_state_dict(load_draft(folder).state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        logger.info("resumed training from %s at step %d", folder, self.step)

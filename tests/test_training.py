@@ -1,0 +1,138 @@
+import json
+
+import pytest
+import torch
+
+from dflash_core.checkpoint import load_draft
+from dflash_core.drafting import DFlashDrafter, DraftRequest
+from dflash_core.engine import SpeculativeEngine
+from dflash_core.sampling import SamplingParams
+from dflash_core.training.blocks import (
+    block_attention_mask,
+    default_gamma,
+    draft_blocks_forward,
+    sample_anchors,
+    slot_weights,
+)
+from dflash_core.training.datagen import done_record_ids, generate_responses
+from dflash_core.training.trainer import DraftTrainer, TrainConfig, read_sequences, tap_target
+from tests.helpers import VOCAB, assert_close, random_target
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    return random_target(tmp_path_factory.mktemp("llama"), "llama", num_hidden_layers=4)
+
+
+def test_block_mask_sees_context_before_anchor_and_own_block():
+    mask = block_attention_mask(torch.tensor([2, 5]), block_size=3, num_context=7)
+    assert mask.shape == (6, 7 + 6)
+    for query in range(3):  # block 0, anchor 2
+        assert mask[query, :7].tolist() == [True, True, False, False, False, False, False]
+        assert mask[query, 7:].tolist() == [True, True, True, False, False, False]
+    for query in range(3, 6):  # block 1, anchor 5
+        assert mask[query, :7].tolist() == [True] * 5 + [False] * 2
+        assert mask[query, 7:].tolist() == [False, False, False, True, True, True]
+
+
+def test_slot_weights_decay():
+    weights = slot_weights(4, gamma=2.0)
+    assert weights[0] == 0.0
+    assert_close(weights[1:], torch.exp(-torch.tensor([0.0, 1.0, 2.0]) / 2.0), 1e-6, "weights")
+    assert default_gamma(16) == 7.0
+    assert default_gamma(10) == 5.0
+    assert default_gamma(8) == 4.0
+
+
+def test_anchor_bounds():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        anchors = sample_anchors(num_tokens=30, response_start=10, max_anchors=8, generator=gen)
+        assert len(anchors) == 8
+        assert len(set(anchors.tolist())) == 8
+        assert anchors.min() >= 10
+        assert anchors.max() <= 28
+    assert sample_anchors(12, 11, 8, gen).numel() == 0  # no token left to predict
+    assert sample_anchors(5, 0, 8, gen).tolist() == [1, 2, 3]
+
+
+def test_training_forward_matches_inference_drafter(target):
+    trainer = DraftTrainer(
+        target, [], TrainConfig(num_layers=2, block_size=4, num_tapped_layers=2), "unused"
+    )
+    model = trainer.model.eval()
+    tokens = torch.randint(0, VOCAB, (20,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        tapped = target(tokens[None], target.new_cache(1, 32), torch.tensor([0]),
+                        model.config.target_layer_ids).tapped[0]
+        anchors = torch.tensor([3, 9, 15])
+        positions = (anchors[:, None] + torch.arange(4)).flatten()
+        block_ids = torch.full((3, 4), model.config.mask_token_id)
+        block_ids[:, 0] = tokens[anchors]
+        hidden = draft_blocks_forward(
+            model, target.embed_tokens(block_ids.flatten()), positions,
+            model.context_features(tapped[None])[0], block_attention_mask(anchors, 4, 20),
+        )
+        trained_view = target.lm_head(hidden).view(3, 4, -1)[:, 1:]
+    for j, anchor in enumerate(anchors.tolist()):
+        drafter = DFlashDrafter.for_target(model, target, num_slots=1, max_seq_len=32)
+        request = DraftRequest([0], [0], [tapped[:anchor]], [tokens[:anchor].tolist()],
+                               [int(tokens[anchor])])
+        assert_close(drafter.draft(request)[0], trained_view[j], 1e-4, f"anchor {anchor}")
+
+
+def write_data(target, path, count=12, max_new_tokens=40):
+    engine = SpeculativeEngine(target, None, max_seq_len=80, num_slots=4)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [(f"toy/{i}", torch.randint(0, VOCAB, (6,), generator=gen).tolist())
+               for i in range(count)]
+    return generate_responses(engine, prompts, path, SamplingParams(max_new_tokens=max_new_tokens))
+
+
+def test_datagen_resumes_after_interruption(target, tmp_path):
+    path = tmp_path / "data.jsonl"
+    assert write_data(target, path, count=5) == 5
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])  # a cut last line
+    assert done_record_ids(path) == {json.loads(line)["record_id"] for line in lines[:3]}
+    assert write_data(target, path, count=5) == 2
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted(r["record_id"] for r in records) == [f"toy/{i}" for i in range(5)]
+    assert all(len(r["response_ids"]) == 40 for r in records)
+
+
+def test_tiny_training_lowers_loss_and_saves_checkpoint(target, tmp_path):
+    data = tmp_path / "data.jsonl"
+    write_data(target, data)
+    sequences = read_sequences(data, max_len=64)
+    config = TrainConfig(num_layers=1, block_size=4, num_tapped_layers=2, anchors_per_sequence=16,
+                         learning_rate=3e-3, epochs=6, sequences_per_step=4, checkpoint_every=5,
+                         mask_token_id=VOCAB - 1)
+    trainer = DraftTrainer(target, sequences, config, tmp_path / "draft")
+    trainer.features = tap_target(target, sequences, trainer.model.config.target_layer_ids)
+    gen = torch.Generator().manual_seed(0)
+    before = sum(float(trainer.sequence_loss(i, gen)[0].detach()) for i in range(len(sequences)))
+    summary = trainer.train()
+    after = sum(float(trainer.sequence_loss(i, gen)[0].detach()) for i in range(len(sequences)))
+    assert after < 0.8 * before, (before, after)
+    assert summary["steps"] == 18
+    loaded = load_draft(tmp_path / "draft")
+    assert loaded.config == trainer.model.config
+    assert (tmp_path / "draft" / "training_summary.json").is_file()
+
+
+def test_training_resumes_from_checkpoint(target, tmp_path):
+    data = tmp_path / "data.jsonl"
+    write_data(target, data, count=8)
+    sequences = read_sequences(data, max_len=64)
+    config = TrainConfig(num_layers=1, block_size=4, num_tapped_layers=1, anchors_per_sequence=8,
+                         epochs=2, sequences_per_step=4, checkpoint_every=2, mask_token_id=1)
+    full = DraftTrainer(target, sequences, config, tmp_path / "full")
+    full.train()
+    # Stop a second run after 2 steps (a checkpoint), then resume it in a new trainer.
+    DraftTrainer(target, sequences, config, tmp_path / "resumed").train(stop_at_step=2)
+    resumed = DraftTrainer(target, sequences, config, tmp_path / "resumed")
+    resumed.train()
+    assert resumed.step == full.step == 4
+    for name, tensor in full.model.state_dict().items():
+        assert_close(resumed.model.state_dict()[name], tensor, 1e-5, name)
