@@ -30,6 +30,7 @@ from dflash_core.sequence import GenerationResult
 logger = logging.getLogger("dflash")
 
 DEFAULT_MAX_BATCH_SIZE = 4
+MAX_BLOCK_SIZE = 64
 DEFAULT_PROMPT = "Write a Python function that returns the n-th Fibonacci number."
 
 
@@ -149,7 +150,23 @@ def read_prompt_lines(args: argparse.Namespace, target: LoadedTarget) -> list[Pr
     return out
 
 
+def check_engine_options(args: argparse.Namespace) -> None:
+    """Reject option values that cannot work, naming the option."""
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.block_size is None:
+        return
+    if args.no_draft:
+        raise ValueError("--block-size needs a draft; remove it or drop --no-draft")
+    if not 2 <= args.block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(
+            f"--block-size must be between 2 and {MAX_BLOCK_SIZE}, got {args.block_size}; "
+            "use --no-draft for plain decoding"
+        )
+
+
 def run_generate(args: argparse.Namespace) -> int:
+    check_engine_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     target = load_target_and_tokenizer(args.model, args.dtype)
@@ -224,7 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dflash",
         description="DFlash block-diffusion speculative decoding: generate, benchmark, serve.",
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging level (default: INFO)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser(
@@ -317,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FetchError, ConversionError) as error:
+    except (ValueError, OSError, FetchError, ConversionError) as error:
         logger.error("%s", error)
         return 2
 

@@ -9,6 +9,13 @@ from typing import Any
 
 SUPPORTED_TARGET_TYPES = ("llama", "qwen3", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+REQUIRED_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+)
 
 
 class ConfigError(ValueError):
@@ -79,7 +86,8 @@ class DecoderConfig:
     rms_norm_eps: float = 1e-6
     rope: RopeConfig = field(default_factory=RopeConfig)
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q/k/v projections
+    output_bias: bool = False  # bias on o_proj (Llama with attention_bias; never Qwen2)
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
     model_type: str = "llama"
@@ -100,13 +108,21 @@ class DecoderConfig:
                 f"{', '.join(SUPPORTED_TARGET_TYPES)}"
             )
         layer_types = cfg.get("layer_types")
-        if cfg.get("use_sliding_window") or (
-            layer_types and any(t != "full_attention" for t in layer_types)
+        # Mistral applies `sliding_window` whenever it is set; Qwen configs carry one but only
+        # use it with `use_sliding_window`.
+        mistral_window = model_type == "mistral" and cfg.get("sliding_window") is not None
+        if (
+            cfg.get("use_sliding_window")
+            or mistral_window
+            or (layer_types and any(t != "full_attention" for t in layer_types))
         ):
             raise ConfigError(
                 f"sliding-window attention layers ({layer_types or 'use_sliding_window'}) are "
                 "not supported; only full-attention models can be loaded"
             )
+        missing = [key for key in REQUIRED_KEYS if cfg.get(key) is None]
+        if missing:
+            raise ConfigError(f"config.json is missing {', '.join(missing)}")
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         return cls(
@@ -121,6 +137,7 @@ class DecoderConfig:
             rope=RopeConfig.from_hf(cfg),
             qk_norm=model_type == "qwen3",
             attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            output_bias=model_type in ("llama", "mistral") and bool(cfg.get("attention_bias")),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             model_type=model_type,
@@ -149,4 +166,10 @@ def read_config_json(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a model folder needs a config.json")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must contain a JSON object")
+    return config

@@ -8,8 +8,9 @@ Split rule: for gsm8k, math500 and mbpp, the record at index i (its line number 
 file, counting from 0) is in the eval split when i % 10 == 0 and in the train split otherwise.
 The rule depends only on the index, so the splits never change between runs or machines. It
 gives 132 eval and 1187 train records for gsm8k, and 50 eval and 450 train records each for
-math500 and mbpp. The source files are in no particular topic order, so every tenth record is a
-fair sample. HumanEval (164 records) and MT-Bench (80 records) are eval-only benchmarks.
+math500 and mbpp. The math500 file is not sorted by difficulty, so its eval split has a similar
+mix: 2, 10, 11, 12 and 15 problems of levels 1 to 5, against 43, 90, 105, 128 and 134 in the
+whole file. HumanEval (164 records) and MT-Bench (80 records) are eval-only benchmarks.
 """
 
 from __future__ import annotations
@@ -118,17 +119,19 @@ def _math500_record(row: dict[str, Any], index: int) -> PromptRecord:
 def _mbpp_record(row: dict[str, Any], index: int) -> PromptRecord:
     """Format an MBPP task followed by its three test asserts, which show the function signature.
 
-    The one task with `test_setup_code` also gets that code, because its tests use the variables
-    it defines. The record id uses the MBPP task id (11 to 510 in this file), and the reference
-    is the MBPP solution with Windows line endings converted to "\\n".
+    A task with `test_setup_code` (only task 367 in this file) also gets that code, because its
+    tests use the variables it defines. The record id uses the MBPP task id (11 to 510 in this
+    file). The reference is the MBPP solution with "\\r\\n" and lone "\\r" line endings
+    converted to "\\n".
     """
     doc = _doc(row)
     tests = "\n".join(test.strip() for test in doc["test_list"])
     prompt = f"{doc['text'].strip()}\n{MBPP_TESTS_HEADER}\n\n{tests}"
-    setup = doc.get("test_setup_code", "").replace("\r\n", "\n").strip()
+    setup_lines = doc.get("test_setup_code", "").strip().splitlines()
+    setup = "\n".join(line.rstrip() for line in setup_lines)
     if setup:
         prompt += f"\n\n{MBPP_SETUP_HEADER}\n\n{setup}"
-    reference = doc["code"].replace("\r\n", "\n")
+    reference = doc["code"].replace("\r\n", "\n").replace("\r", "\n")
     return PromptRecord("mbpp", index, f"mbpp/{doc['task_id']}", (prompt,), reference)
 
 
@@ -211,9 +214,7 @@ def _check_name(name: str) -> str:
     """Return the canonical dataset name, accepting any case and "-" for "_" ("MT-Bench")."""
     key = name.strip().lower().replace("-", "_")
     if key not in _SPECS:
-        raise ValueError(
-            f"Unknown dataset {name!r}. Valid datasets: {', '.join(EVAL_DATASETS)}"
-        )
+        raise ValueError(f"Unknown dataset {name!r}. Valid datasets: {', '.join(EVAL_DATASETS)}")
     return key
 
 
@@ -263,8 +264,8 @@ def _parse_file(name: str, path: Path) -> tuple[PromptRecord, ...]:
             records.append(spec.parse(row, len(records)))
         except (KeyError, TypeError, AttributeError) as error:
             raise DatasetFormatError(
-                f"Line {line_number} of the {name} file {path} lacks an expected field or has "
-                f"a field of the wrong type ({type(error).__name__}: {error}). "
+                f"Line {line_number} of the {name} file {path} is missing a field or has a "
+                f"field of the wrong type ({type(error).__name__}: {error}). "
                 "Delete the file to download it again."
             ) from error
 
@@ -295,7 +296,8 @@ def load_prompts(name: str, split: str = "eval", limit: int | None = None) -> li
         raise ValueError(f"Invalid limit {limit}: expected None or a number >= 0")
 
     records = [
-        record for record in _parse_file(key, fetch_data_file(key))
+        record
+        for record in _parse_file(key, fetch_data_file(key))
         if _split_of(key, record.index) == split
     ]
     return records if limit is None else records[:limit]

@@ -63,7 +63,7 @@ class DFlashDrafter:
         self.model = model
         self.embed_tokens = embed_tokens
         self.lm_head = lm_head
-        self.block_size = block_size or model.config.block_size
+        self.block_size = model.config.block_size if block_size is None else block_size
         if self.block_size < 2:
             raise ValueError(f"block_size must be >= 2, got {self.block_size}")
         if self.block_size > model.config.block_size:

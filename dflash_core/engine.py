@@ -121,20 +121,30 @@ class SpeculativeEngine:
             generator=torch.Generator().manual_seed(seed),
             text=OutputText(self.decode, params.stop) if self.decode else None,
         )
+        try:
+            self._prefill(seq)
+        except BaseException:
+            self.free_slots.append(seq.slot)
+            raise
+        return seq
+
+    @torch.inference_mode()
+    def _prefill(self, seq: Sequence) -> None:
         began = time.perf_counter()
         self.cache.reset(seq.slot)
-        ids = torch.tensor([prompt_ids], device=self.target.device)
+        ids = torch.tensor([seq.prompt_ids], device=self.target.device)
         out = self.target(ids, self.cache, torch.tensor([seq.slot]), self.tap_layer_ids)
         logits = self.target.logits(out.hidden[0, -1:])  # [1, vocab]
         first = self._choose(seq, logits)
         seq.pending_context = out.tapped[0]
-        seq.pending_tokens = list(prompt_ids)
+        seq.pending_tokens = list(seq.prompt_ids)
         seq.commit([first], self._logprobs(seq, logits, [first]))
         seq.prefill_seconds = time.perf_counter() - began
-        return seq
 
     def finish(self, seq: Sequence) -> GenerationResult:
         """Release the sequence's slot and return its result."""
+        if seq.slot in self.free_slots:
+            raise RuntimeError(f"request {seq.request_id}: slot {seq.slot} was already released")
         self.free_slots.append(seq.slot)
         self.free_slots.sort()
         return seq.result()
@@ -144,9 +154,12 @@ class SpeculativeEngine:
     ) -> GenerationResult:
         """Decode one request to completion."""
         seq = self.start(request_id, prompt_ids, params)
-        while seq.finish_reason is None:
-            self.step([seq])
-        return self.finish(seq)
+        try:
+            while seq.finish_reason is None:
+                self.step([seq])
+        finally:
+            result = self.finish(seq)
+        return result
 
     # ---- one decode step ----------------------------------------------------------------
 

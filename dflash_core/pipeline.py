@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 RANDOM_DRAFT = "random"
 RANDOM_DRAFT_SEED = 0
 DEFAULT_BLOCK_SIZE = 16
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -39,6 +40,11 @@ def load_target_and_tokenizer(spec: str = DEFAULT_MODEL, dtype: str = "float32")
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     folder = resolve_model(spec)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"no tokenizer in {folder}: expected one of {', '.join(TOKENIZER_FILES)} next to "
+            "config.json"
+        )
     model = load_target(folder, dtype=DTYPES[dtype])
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return LoadedTarget(model, tokenizer, folder, eos_token_ids(tokenizer, folder))

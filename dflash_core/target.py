@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dflash_core.config import DecoderConfig
@@ -69,6 +70,7 @@ class TargetModel(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config.rope, config.head_dim)
+        self._lm_head_fp32: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -126,5 +128,15 @@ class TargetModel(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Apply the LM head; returns fp32 logits."""
-        return self.lm_head(hidden).float()
+        """Apply the LM head in fp32; returns fp32 logits.
+
+        A bf16 head rounds logits near 20 to steps of 0.125, which turns close calls into exact
+        ties whose pick then depends on the batch shape. For low-precision models an fp32 copy
+        of the head weight is kept (vocab * hidden * 4 bytes), made on first use.
+        """
+        weight = self.lm_head.weight
+        if weight.dtype == torch.float32:
+            return F.linear(hidden.float(), weight)
+        if self._lm_head_fp32 is None or self._lm_head_fp32.device != weight.device:
+            self._lm_head_fp32 = weight.detach().float()
+        return F.linear(hidden.float(), self._lm_head_fp32)

@@ -160,3 +160,25 @@ def test_draft_rows_are_independent(target):
     for row in range(2):
         alone = drafter.draft(DraftRequest([row], [0], [contexts[row]], [tokens[row]], [5 + row]))
         assert_close(together[row], alone[0], 1e-5, f"row {row}")
+
+
+def test_config_missing_field_is_named():
+    config = published_style_config()
+    del config["num_attention_heads"]
+    with pytest.raises(ConfigError, match="missing num_attention_heads"):
+        DraftConfig.from_hf(config)
+
+
+def test_broken_config_json_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3",')
+    with pytest.raises(ConfigError, match="config.json is not valid JSON"):
+        load_draft(tmp_path)
+
+
+def test_mistral_sliding_window_is_rejected():
+    from dflash_core.config import DecoderConfig
+
+    config = published_style_config(model_type="mistral", sliding_window=4096)
+    with pytest.raises(ConfigError, match="sliding-window"):
+        DecoderConfig.from_hf(config)
+    assert DecoderConfig.from_hf(published_style_config(model_type="mistral", sliding_window=None))

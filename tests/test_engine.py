@@ -241,3 +241,26 @@ def test_partly_wrong_oracle_equals_plain_greedy(target, block_size):
         )
         assert result.token_ids == reference, f"prompt {prompt}"
         assert sum(result.acceptance_lengths) == len(reference) - 1
+
+
+def test_failed_request_releases_its_slot(target):
+    engine = SpeculativeEngine(target, random_drafter(target, 4), max_seq_len=MAX_SEQ_LEN)
+
+    def broken_step(running):
+        raise RuntimeError("step failed")
+
+    engine.step = broken_step
+    with pytest.raises(RuntimeError, match="step failed"):
+        engine.generate([1, 2, 3], SamplingParams(max_new_tokens=10))
+    assert engine.free_slots == [0]
+    del engine.step
+    assert len(engine.generate([1, 2, 3], SamplingParams(max_new_tokens=10)).token_ids) == 10
+
+
+def test_finishing_twice_is_rejected(target):
+    engine = SpeculativeEngine(target, None, max_seq_len=MAX_SEQ_LEN, num_slots=2)
+    seq = engine.start("a", [1, 2], SamplingParams(max_new_tokens=3))
+    engine.finish(seq)
+    with pytest.raises(RuntimeError, match="slot 0 was already released"):
+        engine.finish(seq)
+    assert engine.free_slots == [0, 1]

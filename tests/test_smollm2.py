@@ -113,18 +113,37 @@ def test_cli_rejects_missing_draft(tmp_path: Path):
 
 def test_cli_prompts_file_matches_single_runs(smollm2, tmp_path: Path):
     prompts = [
-        "What is the capital of France?", "Write a haiku about the sea.",
-        "List three prime numbers.", "Say hello in Spanish.", "What is 12 times 12?",
-        "Name a famous physicist.", "Translate 'cat' to French.", "Give one tip for clean code.",
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+        "List three prime numbers.",
+        "Say hello in Spanish.",
+        "What is 12 times 12?",
+        "Name a famous physicist.",
+        "Translate 'cat' to French.",
+        "Give one tip for clean code.",
     ]
     lines = [{"id": f"p{i}", "prompt": p} for i, p in enumerate(prompts)]
     lines[1]["max_tokens"] = 9  # per-line fields override the flags
     lines[5]["stop"] = ["."]
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    command = [sys.executable, "-m", "dflash_core.cli", "--log-level", "WARNING", "generate",
-               "--json", "--prompts-file", str(prompts_file), "--max-batch-size", "4",
-               "--max-new-tokens", "20", "--block-size", "4"]
+    command = [
+        sys.executable,
+        "-m",
+        "dflash_core.cli",
+        "--log-level",
+        "WARNING",
+        "generate",
+        "--json",
+        "--prompts-file",
+        str(prompts_file),
+        "--max-batch-size",
+        "4",
+        "--max-new-tokens",
+        "20",
+        "--block-size",
+        "4",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     outputs = [json.loads(line) for line in done.stdout.splitlines()]
@@ -152,8 +171,18 @@ def test_cli_reports_bad_lines_and_runs_the_rest(tmp_path: Path):
         {"id": "long", "prompt": "Hi", "max_tokens": 10**6},
     ]
     prompts_file.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    command = [sys.executable, "-m", "dflash_core.cli", "--log-level", "WARNING", "generate",
-               "--json", "--prompts-file", str(prompts_file), "--no-draft"]
+    command = [
+        sys.executable,
+        "-m",
+        "dflash_core.cli",
+        "--log-level",
+        "WARNING",
+        "generate",
+        "--json",
+        "--prompts-file",
+        str(prompts_file),
+        "--no-draft",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1
     outputs = {o["id"]: o for o in map(json.loads, done.stdout.splitlines())}

@@ -99,3 +99,11 @@ def test_truncate_and_reset(tmp_path):
         cache.truncate(1, 3)
     cache.reset(1)
     assert cache.lengths.tolist() == [0, 0]
+
+
+def test_llama_attention_bias_loads(tmp_path):
+    reference = save_random_hf_model(tmp_path, "llama", attention_bias=True)
+    model = load_target(tmp_path)
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(7))
+    logits = model.logits(model(ids, model.new_cache(1, 16), torch.tensor([0])).hidden)
+    assert_close(logits, reference(ids).logits, 1e-4, "logits with attention bias")

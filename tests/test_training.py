@@ -63,29 +63,35 @@ def test_training_forward_matches_inference_drafter(target):
     model = trainer.model.eval()
     tokens = torch.randint(0, VOCAB, (20,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        tapped = target(tokens[None], target.new_cache(1, 32), torch.tensor([0]),
-                        model.config.target_layer_ids).tapped[0]
+        tapped = target(
+            tokens[None], target.new_cache(1, 32), torch.tensor([0]), model.config.target_layer_ids
+        ).tapped[0]
         anchors = torch.tensor([3, 9, 15])
         positions = (anchors[:, None] + torch.arange(4)).flatten()
         block_ids = torch.full((3, 4), model.config.mask_token_id)
         block_ids[:, 0] = tokens[anchors]
         hidden = draft_blocks_forward(
-            model, target.embed_tokens(block_ids.flatten()), positions,
-            model.context_features(tapped[None])[0], block_attention_mask(anchors, 4, 20),
+            model,
+            target.embed_tokens(block_ids.flatten()),
+            positions,
+            model.context_features(tapped[None])[0],
+            block_attention_mask(anchors, 4, 20),
         )
         trained_view = target.lm_head(hidden).view(3, 4, -1)[:, 1:]
     for j, anchor in enumerate(anchors.tolist()):
         drafter = DFlashDrafter.for_target(model, target, num_slots=1, max_seq_len=32)
-        request = DraftRequest([0], [0], [tapped[:anchor]], [tokens[:anchor].tolist()],
-                               [int(tokens[anchor])])
+        request = DraftRequest(
+            [0], [0], [tapped[:anchor]], [tokens[:anchor].tolist()], [int(tokens[anchor])]
+        )
         assert_close(drafter.draft(request)[0], trained_view[j], 1e-4, f"anchor {anchor}")
 
 
 def write_data(target, path, count=12, max_new_tokens=40):
     engine = SpeculativeEngine(target, None, max_seq_len=80, num_slots=4)
     gen = torch.Generator().manual_seed(2)
-    prompts = [(f"toy/{i}", torch.randint(0, VOCAB, (6,), generator=gen).tolist())
-               for i in range(count)]
+    prompts = [
+        (f"toy/{i}", torch.randint(0, VOCAB, (6,), generator=gen).tolist()) for i in range(count)
+    ]
     return generate_responses(engine, prompts, path, SamplingParams(max_new_tokens=max_new_tokens))
 
 
@@ -105,9 +111,17 @@ def test_tiny_training_lowers_loss_and_saves_checkpoint(target, tmp_path):
     data = tmp_path / "data.jsonl"
     write_data(target, data)
     sequences = read_sequences(data, max_len=64)
-    config = TrainConfig(num_layers=1, block_size=4, num_tapped_layers=2, anchors_per_sequence=16,
-                         learning_rate=3e-3, epochs=6, sequences_per_step=4, checkpoint_every=5,
-                         mask_token_id=VOCAB - 1)
+    config = TrainConfig(
+        num_layers=1,
+        block_size=4,
+        num_tapped_layers=2,
+        anchors_per_sequence=16,
+        learning_rate=3e-3,
+        epochs=6,
+        sequences_per_step=4,
+        checkpoint_every=5,
+        mask_token_id=VOCAB - 1,
+    )
     trainer = DraftTrainer(target, sequences, config, tmp_path / "draft")
     trainer.features = tap_target(target, sequences, trainer.model.config.target_layer_ids)
     gen = torch.Generator().manual_seed(0)
@@ -125,8 +139,16 @@ def test_training_resumes_from_checkpoint(target, tmp_path):
     data = tmp_path / "data.jsonl"
     write_data(target, data, count=8)
     sequences = read_sequences(data, max_len=64)
-    config = TrainConfig(num_layers=1, block_size=4, num_tapped_layers=1, anchors_per_sequence=8,
-                         epochs=2, sequences_per_step=4, checkpoint_every=2, mask_token_id=1)
+    config = TrainConfig(
+        num_layers=1,
+        block_size=4,
+        num_tapped_layers=1,
+        anchors_per_sequence=8,
+        epochs=2,
+        sequences_per_step=4,
+        checkpoint_every=2,
+        mask_token_id=1,
+    )
     full = DraftTrainer(target, sequences, config, tmp_path / "full")
     full.train()
     # Stop a second run after 2 steps (a checkpoint), then resume it in a new trainer.

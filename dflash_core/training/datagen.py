@@ -49,15 +49,18 @@ def generate_responses(
     done = done_record_ids(out_path)
     todo = [(rid, ids) for rid, ids in prompts if rid not in done]
     if done:
-        logger.info("resuming: %d responses already in %s, %d to go", len(done), out_path, len(todo))
+        logger.info(
+            "resuming: %d responses already in %s, %d to go", len(done), out_path, len(todo)
+        )
     prompt_ids = dict(todo)
     scheduler = Scheduler(engine, max_prefills_per_step=engine.num_slots)
     for record_id, ids in todo:
         scheduler.submit(Request(record_id, ids, params))
     written = 0
-    with open(out_path, "a", encoding="utf-8") as handle, tqdm(
-        total=len(todo), desc="generating responses", unit="prompt"
-    ) as progress:
+    with (
+        open(out_path, "a", encoding="utf-8") as handle,
+        tqdm(total=len(todo), desc="generating responses", unit="prompt") as progress,
+    ):
         while scheduler.has_work:
             for result in scheduler.step():
                 record = {

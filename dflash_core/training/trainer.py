@@ -164,7 +164,9 @@ class DraftTrainer:
         positions = (anchors[:, None] + slot).flatten()  # [A * B]
         block_ids = torch.full((len(anchors), block_size), self.model.config.mask_token_id)
         block_ids[:, 0] = tokens[anchors]
-        labels = torch.where(positions < len(tokens), tokens[positions.clamp_max(len(tokens) - 1)], -100)
+        labels = torch.where(
+            positions < len(tokens), tokens[positions.clamp_max(len(tokens) - 1)], -100
+        )
         labels = labels.view(len(anchors), block_size)
         labels[:, 0] = -100  # slot 0 holds a known token
         context = self.model.context_features(self.features[index].float()[None])[0]
@@ -190,7 +192,9 @@ class DraftTrainer:
         began = time.perf_counter()
         self._resume()
         if not self.features:
-            self.features = tap_target(self.target, self.sequences, self.model.config.target_layer_ids)
+            self.features = tap_target(
+                self.target, self.sequences, self.model.config.target_layer_ids
+            )
         config = self.config
         progress = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step")
         last = StepStats(float("nan"), [])
