@@ -31,7 +31,8 @@ def done_record_ids(path: Path) -> set[str]:
             done.add(json.loads(line)["record_id"])
         except (json.JSONDecodeError, KeyError):
             if number != len(lines) - 1:
-                raise ValueError(f"{path} line {number + 1} is corrupt; remove it to resume")
+                message = f"{path} line {number + 1} is corrupt; remove it to resume"
+                raise ValueError(message) from None
             # An interrupted write: rewrite the file without its last line.
             path.write_text("".join(lines[:-1]), encoding="utf-8")
     return done
