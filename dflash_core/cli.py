@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from dflash_core import cli_training
 from dflash_core.engine import DEFAULT_PROPOSAL
 from dflash_core.fetch import DEFAULT_MODEL, ConversionError, FetchError
 from dflash_core.pipeline import (
@@ -54,7 +55,7 @@ def result_json(result: GenerationResult) -> dict:
     return out
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, allow_no_draft: bool = True) -> None:
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -68,9 +69,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"draft checkpoint folder, or {RANDOM_DRAFT!r} for a randomly initialised draft "
         "with a fixed seed (default)",
     )
-    drafts.add_argument(
-        "--no-draft", action="store_true", help="plain greedy decoding with the target alone"
-    )
+    if allow_no_draft:
+        drafts.add_argument(
+            "--no-draft", action="store_true", help="plain decoding with the target alone"
+        )
     parser.add_argument(
         "--block-size",
         type=int,
@@ -328,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     generate.set_defaults(run=run_generate)
+    cli_training.register(commands, add_model_arguments)
     return parser
 
 
