@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from dflash_core.datasets import load_prompts
 from dflash_core.draft import DraftModel
+from dflash_core.engine import DEFAULT_PROPOSAL
 from dflash_core.pipeline import LoadedTarget, build_engine, encode_prompt
 from dflash_core.sampling import SamplingParams
 
@@ -30,6 +31,7 @@ class BenchReport:
     num_prompts: int
     block_size: int
     temperature: float
+    proposal: str
     mean_acceptance_length: float  # tau: committed tokens per verify step, over all steps
     plain_tokens_per_second: float
     speculative_tokens_per_second: float
@@ -46,6 +48,7 @@ def run_bench(
     limit: int = DEFAULT_BENCH_LIMIT,
     block_size: int | None = None,
     params: SamplingParams,
+    proposal: str = DEFAULT_PROPOSAL,
 ) -> BenchReport:
     """Run `limit` eval prompts of a dataset in both modes (first user turn of each)."""
     began = time.perf_counter()
@@ -53,7 +56,9 @@ def run_bench(
     prompts = [encode_prompt(target.tokenizer, record.turns[0]) for record in records]
     block = block_size or draft.config.block_size
     max_seq_len = max(len(p) for p in prompts) + params.max_new_tokens + block
-    speculative = build_engine(target, draft, max_seq_len=max_seq_len, block_size=block_size)
+    speculative = build_engine(
+        target, draft, max_seq_len=max_seq_len, block_size=block_size, proposal=proposal
+    )
     plain = build_engine(target, None, max_seq_len=max_seq_len)
     steps = committed = identical = 0
     plain_tokens = plain_seconds = spec_tokens = spec_seconds = 0.0
@@ -76,6 +81,7 @@ def run_bench(
         num_prompts=len(records),
         block_size=speculative.block_size,
         temperature=params.temperature,
+        proposal=proposal,
         mean_acceptance_length=committed / steps if steps else 0.0,
         plain_tokens_per_second=plain_rate,
         speculative_tokens_per_second=spec_rate,

@@ -15,6 +15,7 @@ from dflash_core import cli_training
 from dflash_core.engine import DEFAULT_PROPOSAL
 from dflash_core.fetch import DEFAULT_MODEL, ConversionError, FetchError
 from dflash_core.pipeline import (
+    AUTO_DRAFT,
     DEFAULT_BLOCK_SIZE,
     DTYPES,
     RANDOM_DRAFT,
@@ -65,9 +66,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, allow_no_draft: bool = 
     drafts = parser.add_mutually_exclusive_group()
     drafts.add_argument(
         "--draft",
-        default=RANDOM_DRAFT,
-        help=f"draft checkpoint folder, or {RANDOM_DRAFT!r} for a randomly initialised draft "
-        "with a fixed seed (default)",
+        default=AUTO_DRAFT,
+        help=f"draft checkpoint folder; {AUTO_DRAFT!r} (default) uses the draft shipped for the "
+        f"target, or none if there is none; {RANDOM_DRAFT!r} builds a randomly initialised "
+        "draft with a fixed seed",
     )
     if allow_no_draft:
         drafts.add_argument(

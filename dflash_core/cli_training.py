@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dflash_core.bench import DEFAULT_BENCH_LIMIT, DEFAULT_BENCH_MAX_NEW_TOKENS, run_bench
 from dflash_core.datasets import EVAL_DATASETS, TRAIN_DATASETS, dataset_table, load_prompts
-from dflash_core.engine import SpeculativeEngine
+from dflash_core.engine import DEFAULT_PROPOSAL, SpeculativeEngine
 from dflash_core.fetch import DEFAULT_MODEL
 from dflash_core.pipeline import (
     build_draft,
@@ -20,7 +20,7 @@ from dflash_core.pipeline import (
     encode_prompt,
     load_target_and_tokenizer,
 )
-from dflash_core.sampling import SamplingParams
+from dflash_core.sampling import PROPOSAL_MODES, SamplingParams
 from dflash_core.training.datagen import generate_responses
 from dflash_core.training.trainer import DraftTrainer, TrainConfig, read_sequences
 
@@ -43,11 +43,15 @@ def run_datagen(args: argparse.Namespace) -> int:
     for name in args.datasets.split(","):
         for record in load_prompts(name, "train", args.limit):
             prompts.append((record.record_id, encode_prompt(target.tokenizer, record.turns[0])))
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            seed=args.seed)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed
+    )
     longest = max(len(ids) for _, ids in prompts) + params.max_new_tokens + 1
     engine = SpeculativeEngine(
-        target.model, None, max_seq_len=longest, num_slots=args.max_batch_size,
+        target.model,
+        None,
+        max_seq_len=longest,
+        num_slots=args.max_batch_size,
         eos_token_ids=target.eos_token_ids,
     )
     out = Path(args.out) / RESPONSES_FILE
@@ -80,8 +84,11 @@ def run_train(args: argparse.Namespace) -> int:
     trainer = DraftTrainer(target.model, sequences, config, args.out)
     summary = trainer.train(stop_at_step=args.stop_at_step)
     if trainer.step < trainer.total_steps:
-        logger.info("stopped at step %d of %d; run the same command to resume", trainer.step,
-                    trainer.total_steps)
+        logger.info(
+            "stopped at step %d of %d; run the same command to resume",
+            trainer.step,
+            trainer.total_steps,
+        )
         return 0
     summary["command"] = "dflash " + shlex.join(sys.argv[1:])
     summary["target"] = str(target.folder)
@@ -116,12 +123,22 @@ def write_model_card(out: Path, summary: dict) -> None:
 def run_bench_command(args: argparse.Namespace) -> int:
     target = load_target_and_tokenizer(args.model)
     draft = build_draft(args.draft, target)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            seed=args.seed)
+    if draft is None:
+        raise ValueError("dflash bench compares a draft with plain decoding: pass --draft FOLDER")
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed
+    )
     names = EVAL_DATASETS if args.dataset == "all" else args.dataset.split(",")
     for name in names:
-        report = run_bench(target, draft, name, limit=args.limit, block_size=args.block_size,
-                           params=params)
+        report = run_bench(
+            target,
+            draft,
+            name,
+            limit=args.limit,
+            block_size=args.block_size,
+            params=params,
+            proposal=args.proposal,
+        )
         if args.json:
             print(json.dumps(asdict(report)), flush=True)
         else:
@@ -145,17 +162,27 @@ def register(commands: argparse._SubParsersAction, add_model_arguments) -> None:
     )
     datagen.add_argument("--target", default=DEFAULT_MODEL, help="target model spec")
     datagen.add_argument("--out", required=True, help=f"folder for {RESPONSES_FILE}")
-    datagen.add_argument("--datasets", default=",".join(TRAIN_DATASETS),
-                         help="comma-separated train datasets (default: all)")
-    datagen.add_argument("--limit", type=int, default=None,
-                         help="prompts per dataset at most (default: all)")
-    datagen.add_argument("--max-new-tokens", type=int, default=DEFAULT_DATAGEN_MAX_NEW_TOKENS,
-                         help=f"response length at most (default {DEFAULT_DATAGEN_MAX_NEW_TOKENS})")
-    datagen.add_argument("--temperature", type=float, default=0.0,
-                         help="0 for greedy responses (default)")
+    datagen.add_argument(
+        "--datasets",
+        default=",".join(TRAIN_DATASETS),
+        help="comma-separated train datasets (default: all)",
+    )
+    datagen.add_argument(
+        "--limit", type=int, default=None, help="prompts per dataset at most (default: all)"
+    )
+    datagen.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_DATAGEN_MAX_NEW_TOKENS,
+        help=f"response length at most (default {DEFAULT_DATAGEN_MAX_NEW_TOKENS})",
+    )
+    datagen.add_argument(
+        "--temperature", type=float, default=0.0, help="0 for greedy responses (default)"
+    )
     datagen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    datagen.add_argument("--max-batch-size", type=int, default=8,
-                         help="responses generated together (default 8)")
+    datagen.add_argument(
+        "--max-batch-size", type=int, default=8, help="responses generated together (default 8)"
+    )
     datagen.set_defaults(run=run_datagen)
 
     train = commands.add_parser("train", help="train a DFlash draft for a target")
@@ -164,36 +191,77 @@ def register(commands: argparse._SubParsersAction, add_model_arguments) -> None:
     train.add_argument("--out", required=True, help="checkpoint folder (resumes if present)")
     train.add_argument("--layers", type=int, default=DEFAULTS.num_layers, help="draft layers")
     train.add_argument("--block-size", type=int, default=DEFAULTS.block_size, help="block size")
-    train.add_argument("--tapped-layers", type=int, default=DEFAULTS.num_tapped_layers,
-                       help="target layers the draft reads")
-    train.add_argument("--intermediate-size", type=int, default=None,
-                       help="draft MLP width (default: the target's)")
+    train.add_argument(
+        "--tapped-layers",
+        type=int,
+        default=DEFAULTS.num_tapped_layers,
+        help="target layers the draft reads",
+    )
+    train.add_argument(
+        "--intermediate-size",
+        type=int,
+        default=None,
+        help="draft MLP width (default: the target's)",
+    )
     train.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="epochs")
-    train.add_argument("--anchors", type=int, default=DEFAULTS.anchors_per_sequence,
-                       help="blocks per sequence, re-drawn each epoch")
-    train.add_argument("--gamma", type=float, default=None,
-                       help="slot-weight decay (default: by block size)")
+    train.add_argument(
+        "--anchors",
+        type=int,
+        default=DEFAULTS.anchors_per_sequence,
+        help="blocks per sequence, re-drawn each epoch",
+    )
+    train.add_argument(
+        "--gamma", type=float, default=None, help="slot-weight decay (default: by block size)"
+    )
     train.add_argument("--lr", type=float, default=DEFAULTS.learning_rate, help="peak AdamW lr")
-    train.add_argument("--sequences-per-step", type=int, default=DEFAULTS.sequences_per_step,
-                       help="sequences per optimizer step")
-    train.add_argument("--checkpoint-every", type=int, default=DEFAULTS.checkpoint_every,
-                       help="optimizer steps between checkpoints")
-    train.add_argument("--max-len", type=int, default=DEFAULT_TRAIN_MAX_LEN,
-                       help="tokens per sequence at most")
+    train.add_argument(
+        "--sequences-per-step",
+        type=int,
+        default=DEFAULTS.sequences_per_step,
+        help="sequences per optimizer step",
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=DEFAULTS.checkpoint_every,
+        help="optimizer steps between checkpoints",
+    )
+    train.add_argument(
+        "--max-len", type=int, default=DEFAULT_TRAIN_MAX_LEN, help="tokens per sequence at most"
+    )
     train.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed")
-    train.add_argument("--stop-at-step", type=int, default=None,
-                       help="stop after this optimizer step (resume later)")
+    train.add_argument(
+        "--stop-at-step",
+        type=int,
+        default=None,
+        help="stop after this optimizer step (resume later)",
+    )
     train.set_defaults(run=run_train)
 
     bench = commands.add_parser("bench", help="tau and speedup of the draft on eval prompts")
-    bench.add_argument("--dataset", default="gsm8k",
-                       help=f"{', '.join(EVAL_DATASETS)}, a comma list, or all")
+    bench.add_argument(
+        "--dataset", default="gsm8k", help=f"{', '.join(EVAL_DATASETS)}, a comma list, or all"
+    )
     add_model_arguments(bench, allow_no_draft=False)
-    bench.add_argument("--limit", type=int, default=DEFAULT_BENCH_LIMIT,
-                       help=f"eval prompts per dataset (default {DEFAULT_BENCH_LIMIT})")
-    bench.add_argument("--max-new-tokens", type=int, default=DEFAULT_BENCH_MAX_NEW_TOKENS,
-                       help=f"tokens per answer at most (default {DEFAULT_BENCH_MAX_NEW_TOKENS})")
+    bench.add_argument(
+        "--limit",
+        type=int,
+        default=DEFAULT_BENCH_LIMIT,
+        help=f"eval prompts per dataset (default {DEFAULT_BENCH_LIMIT})",
+    )
+    bench.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_BENCH_MAX_NEW_TOKENS,
+        help=f"tokens per answer at most (default {DEFAULT_BENCH_MAX_NEW_TOKENS})",
+    )
     bench.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     bench.add_argument("--seed", type=int, default=0, help="sampling seed")
+    bench.add_argument(
+        "--proposal",
+        choices=PROPOSAL_MODES,
+        default=DEFAULT_PROPOSAL,
+        help="draft proposals for sampled requests",
+    )
     bench.add_argument("--json", action="store_true", help="one JSON line per dataset")
     bench.set_defaults(run=run_bench_command)

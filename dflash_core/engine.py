@@ -166,7 +166,8 @@ class SpeculativeEngine:
     @torch.inference_mode()
     def step(self, running: list[Sequence]) -> None:
         """Advance every unfinished sequence by one draft-verify step."""
-        batch = [seq for seq in running if seq.finish_reason is None]
+        # Slot order lets the KV cache hand out views instead of copies when slots are contiguous.
+        batch = sorted((seq for seq in running if seq.finish_reason is None), key=lambda s: s.slot)
         if not batch:
             return
         began = time.perf_counter()

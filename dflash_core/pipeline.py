@@ -20,7 +20,10 @@ from dflash_core.target import TargetModel
 
 logger = logging.getLogger(__name__)
 
+AUTO_DRAFT = "auto"
 RANDOM_DRAFT = "random"
+# Trained drafts that ship with the package, one folder per target folder name.
+SHIPPED_DRAFTS_DIR = Path(__file__).parent / "drafts"
 RANDOM_DRAFT_SEED = 0
 DEFAULT_BLOCK_SIZE = 16
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -93,6 +96,12 @@ def default_mask_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return max(candidates)
 
 
+def shipped_draft(target: LoadedTarget) -> Path | None:
+    """Return the draft folder shipped in this package for the target, if there is one."""
+    folder = SHIPPED_DRAFTS_DIR / target.folder.name
+    return folder if (folder / "config.json").is_file() else None
+
+
 def build_draft(
     spec: str,
     target: LoadedTarget,
@@ -100,8 +109,23 @@ def build_draft(
     block_size: int = DEFAULT_BLOCK_SIZE,
     num_layers: int = 1,
     dtype: str = "float32",
-) -> DraftModel:
-    """Load a draft checkpoint folder, or build a randomly initialised one for `random`."""
+) -> DraftModel | None:
+    """Load a draft for `target` from a spec.
+
+    `auto`: the draft shipped for this target, or None (plain decoding) with a warning;
+    `random`: a randomly initialised draft with a fixed seed; otherwise a checkpoint folder.
+    """
+    if spec == AUTO_DRAFT:
+        folder = shipped_draft(target)
+        if folder is None:
+            logger.warning(
+                "no draft ships for target %s; decoding without a draft. Pass --draft FOLDER "
+                "(train one with `dflash train`) or --draft random",
+                target.folder,
+            )
+            return None
+        logger.info("using the shipped draft %s", folder)
+        return load_draft(folder, dtype=DTYPES[dtype])
     if spec == RANDOM_DRAFT:
         config = draft_config_for_target(
             target.model.config,
@@ -121,7 +145,8 @@ def build_draft(
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"draft {spec!r} not found: pass a folder with config.json and model.safetensors, "
-            f"or {RANDOM_DRAFT!r} for a randomly initialised draft"
+            f"{AUTO_DRAFT!r} for the shipped draft, or {RANDOM_DRAFT!r} for a randomly "
+            "initialised one"
         )
     return load_draft(folder, dtype=DTYPES[dtype])
 
