@@ -183,7 +183,8 @@ class SpeculativeEngine:
         for row, seq in enumerate(batch):
             start = seq.num_cached
             committed = self.accept(seq, drafts[row], draft_probs[row], logits[row])
-            # The target keeps the newest token and the accepted drafts: one fewer than committed.
+            # The target keeps the newest token and the k accepted drafts, as many tokens as this
+            # step commits (k drafts plus one target token).
             num_seen = len(committed)
             self.cache.truncate(seq.slot, start + num_seen)
             seq.pending_context = out.tapped[row, :num_seen]

@@ -189,3 +189,26 @@ def test_cli_reports_bad_lines_and_runs_the_rest(tmp_path: Path):
     assert len(outputs["ok"]["token_ids"]) == 3
     assert "presence_penalty=0.5 is not supported" in outputs["bad"]["error"]
     assert "exceeds the model's context of 8192 tokens" in outputs["long"]["error"]
+
+
+def test_bench_reports_tau_and_speedup(tmp_path: Path):
+    command = [sys.executable, "-m", "dflash_core.cli", "--log-level", "WARNING", "bench",
+               "--draft", "random", "--block-size", "4", "--dataset", "gsm8k,humaneval",
+               "--limit", "2", "--max-new-tokens", "12", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    reports = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["dataset"] for r in reports] == ["gsm8k", "humaneval"]
+    for report in reports:
+        assert report["num_prompts"] == 2
+        assert report["identical_outputs"] == 2  # greedy: the draft never changes the output
+        assert 1.0 <= report["mean_acceptance_length"] <= 4.0
+        assert report["speedup"] > 0
+
+
+def test_datasets_command_lists_splits():
+    command = [sys.executable, "-m", "dflash_core.cli", "datasets"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "gsm8k       1187   132" in done.stdout
+    assert "mt_bench" in done.stdout
