@@ -1,0 +1,161 @@
+"""The engine replica: one target model, its draft and the continuous-batching loop.
+
+A request lives its whole life on one replica. The replica tokenizes it, queues it on its
+`EngineLoop` and streams the committed output back to the caller (the ingress) through a
+streaming DeploymentHandle. In this colocated mode the draft model runs in the replica's
+process, next to the target.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+
+import torch
+from pydantic import BaseModel, Field
+from ray import serve
+from transformers import PreTrainedTokenizerBase
+
+from deployments.engine_loop import EngineLoop
+from deployments.schemas import GenerationRequest, StreamChunk
+from dflash_core.cli import DEFAULT_MAX_BATCH_SIZE, MAX_BLOCK_SIZE
+from dflash_core.fetch import DEFAULT_MODEL
+from dflash_core.pipeline import (
+    DEFAULT_BLOCK_SIZE,
+    DTYPES,
+    RANDOM_DRAFT,
+    build_draft,
+    build_engine,
+    encode_prompt,
+    load_target_and_tokenizer,
+)
+from dflash_core.sampling import SamplingParams
+from dflash_core.scheduler import Request, Scheduler
+from dflash_core.sequence import GenerationResult
+
+logger = logging.getLogger(__name__)
+
+
+class EngineConfig(BaseModel):
+    """How one engine replica loads its models and sizes its KV cache."""
+
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description="Target model: a known name, a .gguf file or a Hugging Face folder.",
+    )
+    draft: str | None = Field(
+        default=RANDOM_DRAFT,
+        description=f"Draft checkpoint folder, {RANDOM_DRAFT!r} for a randomly initialised "
+        "draft, or None for plain decoding with the target alone.",
+    )
+    block_size: int | None = Field(
+        default=None,
+        ge=2,
+        le=MAX_BLOCK_SIZE,
+        description="Draft block size in tokens; None uses the draft's own.",
+    )
+    max_batch_size: int = Field(
+        default=DEFAULT_MAX_BATCH_SIZE,
+        ge=1,
+        description="Sequences decoded together: the number of KV cache slots.",
+    )
+    max_seq_len: int | None = Field(
+        default=None,
+        ge=2,
+        description="Tokens per KV cache slot (prompt + max_tokens + block_size must fit); "
+        "None sizes slots for the model's full context.",
+    )
+    dtype: str = Field(default="float32", description=f"One of {', '.join(DTYPES)}.")
+    threads: int = Field(default=1, ge=1, description="torch CPU threads in the replica.")
+
+
+def encode_request(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest) -> list[int]:
+    """Tokenize the prompt or the messages of a request; raises ValueError for empty input."""
+    if (request.prompt is None) == (request.messages is None):
+        raise ValueError("set exactly one of prompt and messages")
+    if request.messages is not None:
+        if not request.messages:
+            raise ValueError("messages is empty: send at least one message")
+        if request.raw_prompt:
+            raise ValueError("raw_prompt applies to prompt only; remove it or send a prompt")
+        if not tokenizer.chat_template:
+            raise ValueError("this model's tokenizer has no chat template; send a prompt")
+        ids = tokenizer.apply_chat_template(
+            [message.model_dump() for message in request.messages],
+            add_generation_prompt=True,
+            tokenize=True,
+        )
+        # transformers 5 returns a BatchEncoding here, older releases a plain list.
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    if not request.prompt:
+        raise ValueError("the prompt is empty: send at least one character")
+    return encode_prompt(tokenizer, request.prompt, chat_template=not request.raw_prompt)
+
+
+@serve.deployment(name="DFlashEngine")
+class DFlashEngine:
+    """A Serve replica holding one speculative engine; the ingress calls it by handle."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        torch.set_num_threads(config.threads)
+        logger.info(
+            "loading engine: %s (OMP_NUM_THREADS=%s)",
+            config.model_dump(),
+            os.environ.get("OMP_NUM_THREADS"),
+        )
+        target = load_target_and_tokenizer(config.model, config.dtype)
+        draft = None
+        if config.draft is not None:
+            block_size = config.block_size or DEFAULT_BLOCK_SIZE
+            draft = build_draft(config.draft, target, block_size=block_size, dtype=config.dtype)
+        block_size = config.block_size or (draft.config.block_size if draft else 1)
+        max_seq_len = config.max_seq_len or (
+            target.model.config.max_position_embeddings + block_size
+        )
+        engine = build_engine(
+            target,
+            draft,
+            max_seq_len=max_seq_len,
+            num_slots=config.max_batch_size,
+            block_size=config.block_size,
+        )
+        self.tokenizer = target.tokenizer
+        self.loop = EngineLoop(Scheduler(engine))
+        logger.info(
+            "engine ready: block_size %d, %d slots of max_seq_len %d",
+            engine.block_size,
+            engine.num_slots,
+            engine.max_seq_len,
+        )
+
+    def _make_request(self, request: GenerationRequest) -> Request:
+        params = SamplingParams.from_dict(request.sampling_fields())
+        return Request(request.request_id, encode_request(self.tokenizer, request), params)
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        """Yield the request's output as it is committed; the last chunk carries the result."""
+        async for chunk in self.loop.stream(
+            request.request_id, lambda: self._make_request(request)
+        ):
+            yield chunk
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Run the request to completion and return its result."""
+        async for chunk in self.generate_stream(request):
+            if chunk.result is not None:
+                return chunk.result
+        raise RuntimeError(f"request {request.request_id}: the stream ended without a result")
+
+    def num_requests(self) -> int:
+        """Return the requests this replica holds: queued, waiting for a slot or running."""
+        return self.loop.num_requests
+
+    def check_health(self) -> None:
+        """Called by Serve; an exception marks the replica unhealthy, so Serve replaces it."""
+        self.loop.check_alive()
+
+    def __del__(self) -> None:
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.stop()
