@@ -46,11 +46,14 @@ class RequestFailed(Exception):
 
 
 def to_generation_request(request: dflash_pb2.GenerateRequest) -> GenerationRequest:
-    """Convert a protobuf request; unset optional fields stay None (the server's defaults)."""
-    has_prompt = bool(request.prompt) or request.raw_prompt
+    """Convert a protobuf request; unset optional fields stay None (the server's defaults).
+
+    proto3 cannot tell an empty prompt from an unset one, so a request without messages has
+    a prompt, maybe empty, which the engine then rejects.
+    """
     return GenerationRequest(
         request_id=request.request_id if request.HasField("request_id") else uuid.uuid4().hex,
-        prompt=request.prompt if has_prompt or not request.messages else None,
+        prompt=request.prompt if request.prompt or not request.messages else None,
         raw_prompt=request.raw_prompt,
         messages=[ChatMessage(role=m.role, content=m.content) for m in request.messages]
         if request.messages
@@ -62,6 +65,11 @@ def to_generation_request(request: dflash_pb2.GenerateRequest) -> GenerationRequ
         seed=request.seed if request.HasField("seed") else None,
         stop=list(request.stop),
         stop_token_ids=list(request.stop_token_ids),
+        **{
+            name: getattr(request, name)
+            for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")
+            if request.HasField(name)
+        },
     )
 
 

@@ -40,6 +40,10 @@ class GenerationRequest(BaseModel):
     stop_token_ids: list[int] = Field(
         default_factory=list, description="Token ids that end generation besides the EOS ids."
     )
+    # Not implemented: passed on so that SamplingParams rejects values other than neutral.
+    presence_penalty: float | None = Field(default=None, description="Not supported.")
+    frequency_penalty: float | None = Field(default=None, description="Not supported.")
+    repetition_penalty: float | None = Field(default=None, description="Not supported.")
 
     def sampling_fields(self) -> dict[str, Any]:
         """Return the sampling fields that are set, for `SamplingParams.from_dict`."""
@@ -49,6 +53,9 @@ class GenerationRequest(BaseModel):
             "top_p": self.top_p,
             "top_k": self.top_k,
             "seed": self.seed,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
         }
         out = {name: value for name, value in fields.items() if value is not None}
         if self.stop:
