@@ -147,9 +147,9 @@ class DFlashEngine:
                 return chunk.result
         raise RuntimeError(f"request {request.request_id}: the stream ended without a result")
 
-    def num_requests(self) -> int:
-        """Return the requests this replica holds: queued, waiting for a slot or running."""
-        return self.loop.num_requests
+    def stats(self) -> dict[str, int]:
+        """Return request counts: held now (queued, waiting or running) and cancelled so far."""
+        return {"num_requests": self.loop.num_requests, "num_cancelled": self.loop.num_cancelled}
 
     def check_health(self) -> None:
         """Called by Serve; an exception marks the replica unhealthy, so Serve replaces it."""

@@ -51,6 +51,7 @@ class EngineLoop:
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
         self._stopping = threading.Event()
+        self.num_cancelled = 0  # requests dropped before they finished, read for monitoring
         self._thread = threading.Thread(target=self._run, name="dflash-engine-loop", daemon=True)
         self._thread.start()
 
@@ -164,10 +165,12 @@ class EngineLoop:
         for request in self.scheduler.waiting:
             if request.request_id == request_id:
                 self.scheduler.waiting.remove(request)
+                self.num_cancelled += 1
                 return
         for seq in self.scheduler.running:
             if seq.request_id == request_id and seq.finish_reason is None:
                 seq.finish_reason = CANCELLED
+                self.num_cancelled += 1
 
     def _step(self) -> None:
         try:

@@ -22,16 +22,16 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from dflash_core.fetch import DEFAULT_MODEL, resolve_model
-from dflash_core.pipeline import build_engine, encode_prompt, load_target_and_tokenizer
-from dflash_core.sampling import SamplingParams
-from dflash_core.scheduler import Scheduler
 from deployments.app import AppArgs
 from deployments.client import DFlashClient
 from deployments.engine import EngineConfig, encode_request
 from deployments.engine_loop import EngineLoop
 from deployments.protos import dflash_pb2
 from deployments.schemas import EngineStepError, GenerationRequest, InvalidRequestError
+from dflash_core.fetch import DEFAULT_MODEL, resolve_model
+from dflash_core.pipeline import build_engine, encode_prompt, load_target_and_tokenizer
+from dflash_core.sampling import SamplingParams
+from dflash_core.scheduler import Scheduler
 from tests.helpers import save_random_hf_model
 
 VOCAB = 49152
@@ -51,7 +51,7 @@ APP = dict(
     max_batch_size=2,
     max_seq_len=MAX_SEQ_LEN,
     max_ongoing_requests=3,
-    max_queued_requests=2,
+    max_queued_requests=4,
     engine_num_cpus=0.1,
     ingress_num_cpus=0.1,
     threads=1,
@@ -222,7 +222,7 @@ def test_invalid_request_is_invalid_argument(service, case):
 def test_overload_is_resource_exhausted(service):
     """Requests past max_ongoing_requests + max_queued_requests are rejected, not queued."""
     client, _ = service
-    num_requests = 12  # capacity: 3 ongoing + 2 queued
+    num_requests = 16  # capacity: 3 ongoing + 4 queued
 
     def call(index: int) -> tuple[grpc.StatusCode, float]:
         began = time.monotonic()
@@ -247,14 +247,17 @@ def test_cancelled_stream_frees_engine(service):
     from ray import serve
 
     client, _ = service
+    engine = serve.get_deployment_handle("DFlashEngine", app_name="dflash")
+    cancelled_before = engine.stats.remote().result()["num_cancelled"]
     stream = client.generate_stream(request("Tell me a long story", max_tokens=200))
     next(stream)
     stream.cancel()
-    engine = serve.get_deployment_handle("DFlashEngine", app_name="dflash")
     deadline = time.monotonic() + 20
-    while engine.num_requests.remote().result() and time.monotonic() < deadline:
+    while engine.stats.remote().result()["num_requests"] and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert engine.num_requests.remote().result() == 0
+    stats = engine.stats.remote().result()
+    assert stats["num_requests"] == 0
+    assert stats["num_cancelled"] == cancelled_before + 1
 
 
 @pytest.mark.slow
