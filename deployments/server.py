@@ -1,4 +1,7 @@
-"""Start Ray and Serve with the dflash application, and shut them down again."""
+"""Start Ray and Serve with the dflash application, and shut them down again.
+
+Ray is imported inside the functions, so the CLI can read the defaults here without it.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,10 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from deployments.app import APP_NAME, GRPC_SERVICER_FUNCTION, AppArgs, build_app
+if TYPE_CHECKING:
+    from deployments.app import AppArgs
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +66,8 @@ def start(args: AppArgs, options: ServeOptions) -> None:
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
+
+    from deployments.app import APP_NAME, GRPC_SERVICER_FUNCTION, build_app
 
     runtime_env = {
         "worker_process_setup_hook": f"{__name__}.bind_grpc_proxy_to_host",

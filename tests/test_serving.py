@@ -9,8 +9,11 @@ service must equal plain greedy decoding with dflash_core in this process.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +25,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from deployments import cli
 from deployments.app import AppArgs
 from deployments.client import DFlashClient
 from deployments.engine import EngineConfig, encode_request
@@ -261,6 +265,20 @@ def test_cancelled_stream_frees_engine(service):
 
 
 @pytest.mark.slow
+def test_client_cli_generate(service, reference, capsys):
+    client, _ = service
+    expected = reference[PROMPTS[2]]
+    common = ["client", "generate", "--target", client.target, "--prompt", PROMPTS[2]]
+    common += ["--max-tokens", str(MAX_TOKENS)]
+    assert cli.main([*common, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["token_ids"] == expected.token_ids
+    assert printed["text"] == expected.text
+    assert cli.main([*common, "--stream"]) == 0
+    assert capsys.readouterr().out == expected.text + "\n"
+
+
+@pytest.mark.slow
 def test_shutdown_leaves_no_ray_processes(service):
     """Runs last in this module: it shuts the service down."""
     from deployments import server
@@ -341,3 +359,17 @@ def test_engine_loop_rejects_bad_request(loaded_target):
 def test_engine_config_rejects_bad_block_size():
     with pytest.raises(ValueError, match="block_size"):
         EngineConfig(block_size=1)
+
+
+# ---- the command line ---------------------------------------------------------------------
+
+
+def test_cli_starts_without_ray():
+    code = (
+        "import sys, deployments.cli as cli; cli.build_parser(); "
+        "print(sorted(m for m in ('ray', 'grpc') if m in sys.modules))"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert output.strip() == "[]"
