@@ -180,10 +180,11 @@ def run_serve(args: argparse.Namespace) -> int:
         logger.info("received %s, shutting down", signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
     try:
         server.start(app_args, options)
+        # Installed after ray.init, which replaces the SIGTERM handler with one that aborts.
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
         print(
             f"dflash gRPC endpoint: {args.host}:{args.grpc_port} (application dflash)", flush=True
         )

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -289,6 +291,36 @@ def test_shutdown_leaves_no_ray_processes(service):
     server.shutdown()
     _, alive = psutil.wait_procs(ray_processes, timeout=30)
     assert [process.name() for process in alive] == []
+
+
+@pytest.mark.slow
+def test_serve_cli_stops_cleanly_on_sigterm(model_folder, reference, tmp_path):
+    """Runs after the service fixture shut down, so only this cluster is up."""
+    grpc_port = free_port()
+    command = [sys.executable, "-m", "deployments.cli", "serve", "--model", str(model_folder)]
+    command += ["--block-size", "4", "--max-batch-size", "2", "--max-seq-len", str(MAX_SEQ_LEN)]
+    command += ["--engine-num-cpus", "0.1", "--num-cpus", "2", "--grpc-port", str(grpc_port)]
+    command += ["--http-port", str(free_port())]
+    log = open(tmp_path / "serve.log", "w")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], 120)
+        assert ready, "dflash serve printed no endpoint within 120 s"
+        line = process.stdout.readline()
+        assert f"127.0.0.1:{grpc_port}" in line, line
+        with DFlashClient(f"127.0.0.1:{grpc_port}") as client:
+            client.wait_until_ready(timeout=60)
+            response = client.generate(request(PROMPTS[0]), timeout=120)
+        assert list(response.token_ids) == reference[PROMPTS[0]].token_ids
+        ray_processes = psutil.Process(process.pid).children(recursive=True)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        _, alive = psutil.wait_procs(ray_processes, timeout=30)
+        assert [p.name() for p in alive] == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
 
 
 # ---- the engine loop alone, without Ray ---------------------------------------------------
