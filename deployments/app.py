@@ -62,8 +62,8 @@ class AppArgs(BaseModel):
         description="Tokens per KV cache slot; None sizes slots for the model's full context.",
     )
     dtype: str = Field(default="float32", description=f"One of {', '.join(DTYPES)}.")
-    min_replicas: int = Field(default=1, ge=0, description="Fewest engine replicas.")
-    max_replicas: int = Field(default=1, ge=1, description="Most engine replicas.")
+    min_replicas: int = Field(default=1, ge=0, description="Minimum number of engine replicas.")
+    max_replicas: int = Field(default=1, ge=1, description="Maximum number of engine replicas.")
     target_ongoing_requests: float | None = Field(
         default=None,
         gt=0,

@@ -27,90 +27,104 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "serve", help="serve the model over gRPC with Ray Serve until SIGINT or SIGTERM"
     )
     core_cli.add_model_arguments(serve)
-    serve.add_argument(
+    add_engine_arguments(serve.add_argument_group("engine replicas"))
+    add_listen_arguments(serve.add_argument_group("cluster and network"))
+    serve.set_defaults(run=run_serve)
+
+
+def add_engine_arguments(engine: argparse._ArgumentGroup) -> None:
+    engine.add_argument(
         "--tp", type=int, default=None, help="tensor-parallel ranks (only 1 is supported)"
     )
-    serve.add_argument(
+    engine.add_argument(
         "--colocated",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="run the draft in the engine replica's process (the only mode supported so far)",
     )
-    serve.add_argument(
+    engine.add_argument(
         "--max-batch-size",
         type=int,
         default=None,
         help="sequences one engine replica decodes together "
         f"(default {core_cli.DEFAULT_MAX_BATCH_SIZE})",
     )
-    serve.add_argument(
+    engine.add_argument(
         "--max-seq-len",
         type=int,
         default=None,
         help="tokens per KV cache slot (default: the model's context)",
     )
-    serve.add_argument(
-        "--min-replicas", type=int, default=None, help="fewest engine replicas (default 1)"
+    engine.add_argument(
+        "--min-replicas",
+        type=int,
+        default=None,
+        help="minimum number of engine replicas (default 1)",
     )
-    serve.add_argument(
-        "--max-replicas", type=int, default=None, help="most engine replicas (default 1)"
+    engine.add_argument(
+        "--max-replicas",
+        type=int,
+        default=None,
+        help="maximum number of engine replicas (default 1)",
     )
-    serve.add_argument(
+    engine.add_argument(
         "--target-ongoing-requests",
         type=float,
         default=None,
         help="ongoing requests per engine replica that autoscaling aims for (default: max batch size)",
     )
-    serve.add_argument(
+    engine.add_argument(
         "--max-ongoing-requests",
         type=int,
         default=None,
         help="requests one engine replica accepts at once (default: twice the max batch size)",
     )
-    serve.add_argument(
+    engine.add_argument(
         "--max-queued-requests",
         type=int,
         default=None,
         help="requests queued per ingress replica before RESOURCE_EXHAUSTED; -1 is unlimited",
     )
-    serve.add_argument(
+    engine.add_argument(
         "--engine-num-cpus", type=float, default=None, help="CPUs Ray reserves per engine replica"
     )
-    serve.add_argument(
+    engine.add_argument(
         "--threads",
         type=int,
         default=None,
         help="torch threads per engine replica (default: its CPUs)",
     )
-    serve.add_argument(
+
+
+def add_listen_arguments(listen: argparse._ArgumentGroup) -> None:
+    listen.add_argument(
         "--grpc-port",
         type=int,
         default=DEFAULT_GRPC_PORT,
         help=f"gRPC port (default {DEFAULT_GRPC_PORT})",
     )
-    serve.add_argument(
+    listen.add_argument(
         "--http-port",
         type=int,
         default=DEFAULT_HTTP_PORT,
         help=f"port of Serve's HTTP proxy, which this app does not use yet (default {DEFAULT_HTTP_PORT})",
     )
-    serve.add_argument(
+    listen.add_argument(
         "--host",
         default=DEFAULT_HOST,
         help=f"interface the gRPC and HTTP proxies listen on (default {DEFAULT_HOST}; 0.0.0.0 for all)",
     )
-    serve.add_argument(
+    listen.add_argument(
         "--address",
         default=None,
         help="address of a running Ray cluster; without it a local cluster is started",
     )
-    serve.add_argument(
+    listen.add_argument(
         "--num-cpus",
         type=float,
         default=None,
         help="CPUs of the local cluster (default: what the ingress and the max replicas need)",
     )
-    serve.set_defaults(run=run_serve)
 
 
 def add_client_parser(commands: argparse._SubParsersAction) -> None:

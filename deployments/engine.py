@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 
 class EngineConfig(BaseModel):
-    """How one engine replica loads its models and sizes its KV cache."""
+    """Model specs and KV cache sizes of one engine replica."""
 
     model: str = Field(
         default=DEFAULT_MODEL,

@@ -251,4 +251,4 @@ class EngineLoop:
         try:
             stream.event_loop.call_soon_threadsafe(stream.chunks.put_nowait, item)
         except RuntimeError:
-            pass  # the caller's event loop is closed, so nobody reads this stream any more
+            pass  # the caller's event loop is closed, so the stream has no reader

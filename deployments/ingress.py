@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 class RequestFailed(Exception):
     """Ends an RPC whose gRPC status code and details are already set on the context.
 
-    Serve's replica sees the code set on the context and sends it to the client in place of
+    Serve's replica finds the code on the context and sends it to the client in place of
     INTERNAL (ray.serve 2.60 wraps the error in gRPCStatusError for its proxy).
     """
 
@@ -97,7 +97,7 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """Map an error from the request path to a gRPC status code and a message for the client.
 
     An exception raised in the engine replica arrives as a RayTaskError that is also an
-    instance of the original class; its `cause` is the original exception.
+    instance of the original class. Its `cause` is the original exception.
     """
     cause = error.cause if isinstance(error, RayTaskError) else error
     message = str(cause)

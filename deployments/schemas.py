@@ -1,4 +1,4 @@
-"""What the ingress sends an engine replica, what the replica streams back, and its errors."""
+"""Requests the ingress sends an engine replica, the chunks it streams back, and errors."""
 
 from __future__ import annotations
 

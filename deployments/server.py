@@ -26,7 +26,7 @@ GRPC_HOST_ENV_VAR = "DFLASH_GRPC_HOST"
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """Where Serve listens and which Ray cluster it runs on."""
+    """Listening ports and host of Serve's proxies, and the Ray cluster to run on."""
 
     grpc_port: int = DEFAULT_GRPC_PORT
     http_port: int = DEFAULT_HTTP_PORT
