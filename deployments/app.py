@@ -42,8 +42,8 @@ class AppArgs(BaseModel):
     )
     colocated: bool = Field(
         default=True,
-        description="Run the draft model in the engine replica's process. A separate drafter "
-        "actor (False) is not supported yet.",
+        description="Run the draft model in the engine replica's process; False runs it in a "
+        "drafter actor in the replica's placement group.",
     )
     block_size: int | None = Field(
         default=None,
@@ -86,6 +86,9 @@ class AppArgs(BaseModel):
     engine_num_cpus: float = Field(
         default=1.0, gt=0, description="CPUs Ray reserves for each engine replica."
     )
+    drafter_num_cpus: float = Field(
+        default=1.0, gt=0, description="CPUs Ray reserves for each drafter actor (not colocated)."
+    )
     ingress_num_cpus: float = Field(
         default=0.1, gt=0, description="CPUs Ray reserves for the ingress replica."
     )
@@ -100,8 +103,6 @@ class AppArgs(BaseModel):
     def check_supported(self) -> AppArgs:
         if self.tp != 1:
             raise ValueError(f"tp={self.tp} is not supported yet; use tp=1")
-        if not self.colocated:
-            raise ValueError("a separate drafter actor is not supported yet; use colocated")
         if self.min_replicas > self.max_replicas:
             raise ValueError(
                 f"min_replicas {self.min_replicas} exceeds max_replicas {self.max_replicas}"
@@ -121,7 +122,19 @@ def build_app(args: AppArgs | dict) -> Application:
         max_seq_len=args.max_seq_len,
         dtype=args.dtype,
         threads=threads,
+        colocated=args.colocated,
+        drafter_num_cpus=args.drafter_num_cpus,
     )
+    placement = {}
+    if not args.colocated and args.draft is not None:
+        # Bundle 0 holds the replica, bundle 1 its drafter actor, on one node.
+        placement = {
+            "placement_group_bundles": [
+                {"CPU": args.engine_num_cpus},
+                {"CPU": args.drafter_num_cpus},
+            ],
+            "placement_group_strategy": "STRICT_PACK",
+        }
     engine = DFlashEngine.options(
         autoscaling_config={
             "min_replicas": args.min_replicas,
@@ -136,6 +149,7 @@ def build_app(args: AppArgs | dict) -> Application:
             # OpenMP reads this at start-up, before torch.set_num_threads runs.
             "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}},
         },
+        **placement,
     ).bind(engine_config)
     ingress = DFlashIngress.options(
         max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,

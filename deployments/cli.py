@@ -40,7 +40,14 @@ def add_engine_arguments(engine: argparse._ArgumentGroup) -> None:
         "--colocated",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="run the draft in the engine replica's process (the only mode supported so far)",
+        help="run the draft in the engine replica's process (default) or, with --no-colocated, "
+        "in a drafter actor in the replica's placement group",
+    )
+    engine.add_argument(
+        "--drafter-num-cpus",
+        type=float,
+        default=None,
+        help="CPUs Ray reserves per drafter actor with --no-colocated (default 1)",
     )
     engine.add_argument(
         "--max-batch-size",
@@ -177,6 +184,7 @@ def run_serve(args: argparse.Namespace) -> int:
         "max_ongoing_requests": args.max_ongoing_requests,
         "max_queued_requests": args.max_queued_requests,
         "engine_num_cpus": args.engine_num_cpus,
+        "drafter_num_cpus": args.drafter_num_cpus,
         "threads": args.threads,
     }
     # Options left unset take the AppArgs defaults, so each default is defined once.

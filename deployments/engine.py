@@ -2,8 +2,8 @@
 
 A request lives its whole life on one replica. The replica tokenizes it, queues it on its
 `EngineLoop` and streams the committed output back to the caller (the ingress) through a
-streaming DeploymentHandle. In this colocated mode the draft model runs in the replica's
-process, next to the target.
+streaming DeploymentHandle. The draft model runs in the replica's process (colocated) or in a
+drafter actor in the replica's placement group.
 """
 
 from __future__ import annotations
@@ -11,15 +11,18 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator
+from functools import partial
 
 import torch
 from pydantic import BaseModel, Field
 from ray import serve
 from transformers import PreTrainedTokenizerBase
 
+from deployments.drafter import start_drafter_actor
 from deployments.engine_loop import EngineLoop
 from deployments.schemas import GenerationRequest, StreamChunk
 from dflash_core.cli import DEFAULT_MAX_BATCH_SIZE, MAX_BLOCK_SIZE
+from dflash_core.engine import SpeculativeEngine
 from dflash_core.fetch import DEFAULT_MODEL
 from dflash_core.pipeline import (
     DEFAULT_BLOCK_SIZE,
@@ -68,6 +71,13 @@ class EngineConfig(BaseModel):
     )
     dtype: str = Field(default="float32", description=f"One of {', '.join(DTYPES)}.")
     threads: int = Field(default=1, ge=1, description="torch CPU threads in the replica.")
+    colocated: bool = Field(
+        default=True,
+        description="Run the draft in the replica's process; False runs it in a drafter actor.",
+    )
+    drafter_num_cpus: float = Field(
+        default=1.0, gt=0, description="CPUs of the drafter actor when not colocated."
+    )
 
 
 def encode_request(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest) -> list[int]:
@@ -113,13 +123,32 @@ class DFlashEngine:
         max_seq_len = config.max_seq_len or (
             target.model.config.max_position_embeddings + block_size
         )
-        engine = build_engine(
-            target,
-            draft,
-            max_seq_len=max_seq_len,
-            num_slots=config.max_batch_size,
-            block_size=config.block_size,
-        )
+        if config.colocated or draft is None:
+            engine = build_engine(
+                target,
+                draft,
+                max_seq_len=max_seq_len,
+                num_slots=config.max_batch_size,
+                block_size=config.block_size,
+            )
+        else:
+            drafter = start_drafter_actor(
+                draft,
+                target.model,
+                num_slots=config.max_batch_size,
+                max_seq_len=max_seq_len,
+                block_size=config.block_size,
+                num_cpus=config.drafter_num_cpus,
+                threads=config.threads,
+            )
+            engine = SpeculativeEngine(
+                target.model,
+                drafter,
+                max_seq_len=max_seq_len,
+                num_slots=config.max_batch_size,
+                eos_token_ids=target.eos_token_ids,
+                decode=partial(target.tokenizer.decode, skip_special_tokens=True),
+            )
         self.tokenizer = target.tokenizer
         self.loop = EngineLoop(Scheduler(engine))
         logger.info(

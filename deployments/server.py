@@ -57,8 +57,11 @@ def bind_grpc_proxy_to_host() -> None:
 
 
 def local_cluster_cpus(args: AppArgs) -> float:
-    """Return the CPUs a local cluster needs for the ingress and the most engine replicas."""
-    return float(math.ceil(args.ingress_num_cpus + args.max_replicas * args.engine_num_cpus))
+    """Return the CPUs a local cluster needs for the ingress and the max engine replicas."""
+    per_replica = args.engine_num_cpus
+    if not args.colocated and args.draft is not None:
+        per_replica += args.drafter_num_cpus
+    return float(math.ceil(args.ingress_num_cpus + args.max_replicas * per_replica))
 
 
 def start(args: AppArgs, options: ServeOptions) -> None:
