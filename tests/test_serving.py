@@ -323,6 +323,34 @@ def test_serve_cli_stops_cleanly_on_sigterm(model_folder, reference, tmp_path):
         log.close()
 
 
+@pytest.mark.slow
+def test_drafter_actor_in_placement_group(model_folder, reference):
+    """A replica with its drafter in an actor (not colocated) gives the same greedy tokens."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    from deployments import server
+
+    args = AppArgs(model=str(model_folder), **{**APP, "colocated": False, "drafter_num_cpus": 0.1})
+    options = server.ServeOptions(grpc_port=free_port(), http_port=free_port(), num_cpus=2)
+    server.start(args, options)
+    try:
+        with DFlashClient(f"127.0.0.1:{options.grpc_port}") as client:
+            client.wait_until_ready(timeout=60)
+            with ThreadPoolExecutor(2) as pool:
+                responses = list(
+                    pool.map(lambda p: client.generate(request(p), timeout=120), PROMPTS[:2])
+                )
+        for prompt, response in zip(PROMPTS, responses):
+            assert list(response.token_ids) == reference[prompt].token_ids, prompt
+        groups = [g for g in placement_group_table().values() if g["state"] == "CREATED"]
+        bundles = [list(g["bundles"].values()) for g in groups]
+        assert [{"CPU": 0.1}, {"CPU": 0.1}] in bundles, bundles
+        assert ray.is_initialized()
+    finally:
+        server.shutdown()
+
+
 # ---- the engine loop alone, without Ray ---------------------------------------------------
 
 
