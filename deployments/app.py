@@ -92,6 +92,9 @@ class AppArgs(BaseModel):
     ingress_num_cpus: float = Field(
         default=0.1, gt=0, description="CPUs Ray reserves for the ingress replica."
     )
+    log_level: str = Field(
+        default="INFO", description="Level of the project's logs in replicas and actors."
+    )
     threads: int | None = Field(
         default=None,
         ge=1,
@@ -124,6 +127,7 @@ def build_app(args: AppArgs | dict) -> Application:
         threads=threads,
         colocated=args.colocated,
         drafter_num_cpus=args.drafter_num_cpus,
+        log_level=args.log_level,
     )
     placement = {}
     if not args.colocated and args.draft is not None:
@@ -155,4 +159,4 @@ def build_app(args: AppArgs | dict) -> Application:
         max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
         ray_actor_options={"num_cpus": args.ingress_num_cpus},
     )
-    return ingress.bind(engine)
+    return ingress.bind(engine, args.log_level)

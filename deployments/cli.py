@@ -186,6 +186,7 @@ def run_serve(args: argparse.Namespace) -> int:
         "engine_num_cpus": args.engine_num_cpus,
         "drafter_num_cpus": args.drafter_num_cpus,
         "threads": args.threads,
+        "log_level": args.log_level,
     }
     # Options left unset take the AppArgs defaults, so each default is defined once.
     app_args = AppArgs(**{name: value for name, value in fields.items() if value is not None})

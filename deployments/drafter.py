@@ -21,6 +21,7 @@ from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import nn
 
+from deployments.logs import configure_worker_logging
 from dflash_core.draft import DraftModel, check_draft_fits_target
 from dflash_core.drafting import DFlashDrafter, DraftRequest
 from dflash_core.target import TargetModel
@@ -42,7 +43,9 @@ class DrafterActor:
         max_seq_len: int,
         block_size: int | None,
         threads: int,
+        log_level: str,
     ) -> None:
+        configure_worker_logging(log_level)
         torch.set_num_threads(threads)
         self.drafter = DFlashDrafter(model, embed_tokens, None, num_slots, max_seq_len, block_size)
         logger.info(
@@ -104,7 +107,15 @@ def start_drafter_actor(
             scheduling_strategy=scheduling,
             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
         )
-        .remote(draft, target.embed_tokens, num_slots, max_seq_len, block_size, threads)
+        .remote(
+            draft,
+            target.embed_tokens,
+            num_slots,
+            max_seq_len,
+            block_size,
+            threads,
+            logging.getLevelName(logger.getEffectiveLevel()),
+        )
     )
     logger.info(
         "started drafter actor (num_cpus %g, placement group %s)",

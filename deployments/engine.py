@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from deployments.drafter import start_drafter_actor
 from deployments.engine_loop import EngineLoop
+from deployments.logs import configure_worker_logging
 from deployments.schemas import GenerationRequest, StreamChunk
 from dflash_core.cli import DEFAULT_MAX_BATCH_SIZE, MAX_BLOCK_SIZE
 from dflash_core.engine import SpeculativeEngine
@@ -78,6 +79,7 @@ class EngineConfig(BaseModel):
     drafter_num_cpus: float = Field(
         default=1.0, gt=0, description="CPUs of the drafter actor when not colocated."
     )
+    log_level: str = Field(default="INFO", description="Level of the replica's project logs.")
 
 
 def encode_request(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest) -> list[int]:
@@ -108,6 +110,7 @@ class DFlashEngine:
     """A Serve replica holding one speculative engine; the ingress calls it by handle."""
 
     def __init__(self, config: EngineConfig) -> None:
+        configure_worker_logging(config.log_level)
         torch.set_num_threads(config.threads)
         logger.info(
             "loading engine: %s (OMP_NUM_THREADS=%s)",

@@ -123,8 +123,9 @@ class EngineLoop:
                 if self.scheduler.has_work and not self._stopping.is_set():
                     self._step()
         except BaseException:
+            # Logged here and not re-raised: the thread ends, check_health then fails, and
+            # Serve replaces the replica.
             logger.exception("the engine's decode loop crashed")
-            raise
         finally:
             self._stopping.set()
             self._fail_streams(

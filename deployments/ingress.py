@@ -24,6 +24,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
+from deployments.logs import configure_worker_logging
 from deployments.protos import dflash_pb2
 from deployments.schemas import (
     ChatMessage,
@@ -137,7 +138,8 @@ def fail_rpc(context: RayServegRPCContext, request_id: str, error: BaseException
 class DFlashIngress:
     """Serves `dflash.v1.DFlashService`; method names match the RPC names in the .proto."""
 
-    def __init__(self, engine: DeploymentHandle) -> None:
+    def __init__(self, engine: DeploymentHandle, log_level: str = "INFO") -> None:
+        configure_worker_logging(log_level)
         self.engine = engine
 
     async def Generate(  # noqa: N802 (the gRPC method name)

@@ -33,7 +33,12 @@ from deployments.client import DFlashClient
 from deployments.engine import EngineConfig, encode_request
 from deployments.engine_loop import EngineLoop
 from deployments.protos import dflash_pb2
-from deployments.schemas import EngineStepError, GenerationRequest, InvalidRequestError
+from deployments.schemas import (
+    EngineStepError,
+    EngineStoppedError,
+    GenerationRequest,
+    InvalidRequestError,
+)
 from dflash_core.fetch import DEFAULT_MODEL, resolve_model
 from dflash_core.pipeline import build_engine, encode_prompt, load_target_and_tokenizer
 from dflash_core.sampling import SamplingParams
@@ -433,3 +438,24 @@ def test_cli_starts_without_ray():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert output.strip() == "[]"
+
+
+class LoopCrash(BaseException):
+    """Not an Exception, so the loop's per-step handler lets it end the loop thread."""
+
+
+def test_engine_loop_crash_fails_requests(loaded_target):
+    engine = build_engine(loaded_target, None, max_seq_len=MAX_SEQ_LEN)
+
+    def crashing_step(running):
+        raise LoopCrash("simulated crash")
+
+    engine.step = crashing_step
+    loop = EngineLoop(Scheduler(engine))
+    try:
+        with pytest.raises(EngineStoppedError):
+            run_stream(loop, "a", lambda: core_request(loaded_target, PROMPTS[0], "a"))
+        with pytest.raises(EngineStoppedError):
+            loop.check_alive()
+    finally:
+        loop.stop()
