@@ -104,6 +104,9 @@ class AppArgs(BaseModel):
 
     @model_validator(mode="after")
     def check_supported(self) -> AppArgs:
+        # TODO: tensor parallelism: verifier actors holding target shards (torch.distributed,
+        # gloo on CPU, NCCL on GPU) in the replica's placement group, with rank 0 deciding
+        # acceptance and broadcasting it. Until then the target runs whole in the replica.
         if self.tp != 1:
             raise ValueError(f"tp={self.tp} is not supported yet; use tp=1")
         if self.min_replicas > self.max_replicas:
@@ -131,7 +134,7 @@ def build_app(args: AppArgs | dict) -> Application:
     )
     placement = {}
     if not args.colocated and args.draft is not None:
-        # Bundle 0 holds the replica, bundle 1 its drafter actor, on one node.
+        # The replica takes bundle 0 and its drafter actor bundle 1, on one node.
         placement = {
             "placement_group_bundles": [
                 {"CPU": args.engine_num_cpus},

@@ -28,7 +28,7 @@ from dflash_core.target import TargetModel
 
 logger = logging.getLogger(__name__)
 
-# The placement group bundle of the drafter actor; bundle 0 holds the engine replica.
+# The placement group bundle of the drafter actor. The engine replica takes bundle 0.
 DRAFTER_BUNDLE_INDEX = 1
 
 

@@ -29,6 +29,7 @@ from dflash_core.pipeline import (
     DEFAULT_BLOCK_SIZE,
     DTYPES,
     RANDOM_DRAFT,
+    LoadedTarget,
     build_draft,
     build_engine,
     encode_prompt,
@@ -105,6 +106,44 @@ def encode_request(tokenizer: PreTrainedTokenizerBase, request: GenerationReques
     return encode_prompt(tokenizer, request.prompt, chat_template=not request.raw_prompt)
 
 
+def load_engine(config: EngineConfig) -> tuple[LoadedTarget, SpeculativeEngine]:
+    """Load the target and the draft, and build the engine with a colocated or remote drafter."""
+    target = load_target_and_tokenizer(config.model, config.dtype)
+    draft = None
+    if config.draft is not None:
+        block_size = config.block_size or DEFAULT_BLOCK_SIZE
+        draft = build_draft(config.draft, target, block_size=block_size, dtype=config.dtype)
+    block_size = config.block_size or (draft.config.block_size if draft else 1)
+    max_seq_len = config.max_seq_len or (target.model.config.max_position_embeddings + block_size)
+    if config.colocated or draft is None:
+        engine = build_engine(
+            target,
+            draft,
+            max_seq_len=max_seq_len,
+            num_slots=config.max_batch_size,
+            block_size=config.block_size,
+        )
+    else:
+        drafter = start_drafter_actor(
+            draft,
+            target.model,
+            num_slots=config.max_batch_size,
+            max_seq_len=max_seq_len,
+            block_size=config.block_size,
+            num_cpus=config.drafter_num_cpus,
+            threads=config.threads,
+        )
+        engine = SpeculativeEngine(
+            target.model,
+            drafter,
+            max_seq_len=max_seq_len,
+            num_slots=config.max_batch_size,
+            eos_token_ids=target.eos_token_ids,
+            decode=partial(target.tokenizer.decode, skip_special_tokens=True),
+        )
+    return target, engine
+
+
 @serve.deployment(name="DFlashEngine")
 class DFlashEngine:
     """A Serve replica holding one speculative engine; the ingress calls it by handle."""
@@ -117,41 +156,7 @@ class DFlashEngine:
             config.model_dump(),
             os.environ.get("OMP_NUM_THREADS"),
         )
-        target = load_target_and_tokenizer(config.model, config.dtype)
-        draft = None
-        if config.draft is not None:
-            block_size = config.block_size or DEFAULT_BLOCK_SIZE
-            draft = build_draft(config.draft, target, block_size=block_size, dtype=config.dtype)
-        block_size = config.block_size or (draft.config.block_size if draft else 1)
-        max_seq_len = config.max_seq_len or (
-            target.model.config.max_position_embeddings + block_size
-        )
-        if config.colocated or draft is None:
-            engine = build_engine(
-                target,
-                draft,
-                max_seq_len=max_seq_len,
-                num_slots=config.max_batch_size,
-                block_size=config.block_size,
-            )
-        else:
-            drafter = start_drafter_actor(
-                draft,
-                target.model,
-                num_slots=config.max_batch_size,
-                max_seq_len=max_seq_len,
-                block_size=config.block_size,
-                num_cpus=config.drafter_num_cpus,
-                threads=config.threads,
-            )
-            engine = SpeculativeEngine(
-                target.model,
-                drafter,
-                max_seq_len=max_seq_len,
-                num_slots=config.max_batch_size,
-                eos_token_ids=target.eos_token_ids,
-                decode=partial(target.tokenizer.decode, skip_special_tokens=True),
-            )
+        target, engine = load_engine(config)
         self.tokenizer = target.tokenizer
         self.loop = EngineLoop(Scheduler(engine))
         logger.info(
