@@ -21,7 +21,13 @@ from transformers import PreTrainedTokenizerBase
 from deployments.drafter import start_drafter_actor
 from deployments.engine_loop import EngineLoop
 from deployments.logs import configure_worker_logging
-from deployments.schemas import GenerationRequest, StreamChunk
+from deployments.schemas import (
+    EngineStepError,
+    EngineStoppedError,
+    GenerationRequest,
+    InvalidRequestError,
+    StreamChunk,
+)
 from dflash_core.cli import DEFAULT_MAX_BATCH_SIZE, MAX_BLOCK_SIZE
 from dflash_core.engine import SpeculativeEngine
 from dflash_core.fetch import DEFAULT_MODEL
@@ -37,7 +43,6 @@ from dflash_core.pipeline import (
 )
 from dflash_core.sampling import SamplingParams
 from dflash_core.scheduler import Request, Scheduler
-from dflash_core.sequence import GenerationResult
 
 logger = logging.getLogger(__name__)
 
@@ -171,17 +176,28 @@ class DFlashEngine:
         return Request(request.request_id, encode_request(self.tokenizer, request), params)
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
-        """Yield the request's output as it is committed; the last chunk carries the result."""
-        async for chunk in self.loop.stream(
-            request.request_id, lambda: self._make_request(request)
-        ):
-            yield chunk
+        """Yield the request's output as it is committed.
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Run the request to completion and return its result."""
+        The last chunk carries the result, or the error that ended the request. Errors are
+        sent as values because Serve logs a traceback for every exception a replica raises,
+        and the ingress logs each failure once.
+        """
+        try:
+            async for chunk in self.loop.stream(
+                request.request_id, lambda: self._make_request(request)
+            ):
+                yield chunk
+        except (InvalidRequestError, EngineStepError, EngineStoppedError) as error:
+            yield StreamChunk(text="", error=error)
+
+    async def generate(self, request: GenerationRequest) -> StreamChunk:
+        """Run the request to completion; returns one chunk with the whole output and result."""
+        text, token_ids = [], []
         async for chunk in self.generate_stream(request):
-            if chunk.result is not None:
-                return chunk.result
+            text.append(chunk.text)
+            token_ids.extend(chunk.token_ids)
+            if chunk.result is not None or chunk.error is not None:
+                return StreamChunk("".join(text), token_ids, chunk.result, chunk.error)
         raise RuntimeError(f"request {request.request_id}: the stream ended without a result")
 
     def stats(self) -> dict[str, int]:

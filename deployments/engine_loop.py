@@ -77,9 +77,10 @@ class EngineLoop:
                 if isinstance(item, BaseException):
                     done = True
                     raise item
+                # Set before the yield: a caller may close the generator at the last chunk.
+                done = item.result is not None
                 yield item
-                if item.result is not None:
-                    done = True
+                if done:
                     return
         finally:
             if not done:

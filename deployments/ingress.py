@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 
 class RequestFailed(Exception):
-    """Ends an RPC whose gRPC status code and details are already set on the context.
+    """Ends a stream whose gRPC status code and details are already set on the context.
 
     Serve's replica finds the code on the context and sends it to the client in place of
     INTERNAL (ray.serve 2.60 wraps the error in gRPCStatusError for its proxy).
@@ -122,8 +122,10 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"{type(cause).__name__}: {message}"
 
 
-def fail_rpc(context: RayServegRPCContext, request_id: str, error: BaseException) -> RequestFailed:
-    """Log the error, set its status on the context, and return the exception that ends the RPC."""
+def set_error_status(
+    context: RayServegRPCContext, request_id: str, error: BaseException
+) -> RequestFailed:
+    """Log the error and set its status on the context; returns the exception to end a stream."""
     code, message = status_for(error)
     if code == grpc.StatusCode.INTERNAL:
         logger.error("request %s failed (%s): %s", request_id, code.name, message, exc_info=error)
@@ -149,20 +151,29 @@ class DFlashIngress:
         try:
             generation = to_generation_request(request)
             request_id = generation.request_id
-            result = await self.engine.generate.remote(generation)
+            final = await self.engine.generate.remote(generation)
+            if final.error is not None:
+                raise final.error
         except Exception as error:
-            raise fail_rpc(grpc_context, request_id, error) from None
-        return to_response(result)
+            # The proxy sends the status set on the context with this empty response.
+            set_error_status(grpc_context, request_id, error)
+            return dflash_pb2.GenerateResponse()
+        return to_response(final.result)
 
     async def GenerateStream(  # noqa: N802 (the gRPC method name)
         self, request: dflash_pb2.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[dflash_pb2.GenerateStreamResponse]:
+        # NOTE: when a client cancels, ray.serve 2.60's gRPC proxy cancels this call only if it
+        # is waiting for the next message, not while it is sending one. Otherwise the request
+        # runs to completion on the engine, using its slot until then.
         request_id = request.request_id or "(unassigned)"
         try:
             generation = to_generation_request(request)
             request_id = generation.request_id
             chunks = self.engine.options(stream=True).generate_stream.remote(generation)
             async for chunk in chunks:
+                if chunk.error is not None:
+                    raise chunk.error
                 response = dflash_pb2.GenerateStreamResponse(
                     request_id=request_id, text=chunk.text, token_ids=chunk.token_ids
                 )
@@ -173,4 +184,6 @@ class DFlashIngress:
                     response.acceptance.CopyFrom(acceptance_stats(chunk.result))
                 yield response
         except Exception as error:
-            raise fail_rpc(grpc_context, request_id, error) from None
+            # Raised: a stream's context reaches the proxy with a message or an exception,
+            # and an empty message would reach the client as output.
+            raise set_error_status(grpc_context, request_id, error) from None

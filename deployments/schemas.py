@@ -67,15 +67,17 @@ class GenerationRequest(BaseModel):
 
 @dataclass(frozen=True)
 class StreamChunk:
-    """Text and token ids committed since the previous chunk; the last chunk carries the result.
+    """Text and token ids committed since the previous chunk.
 
-    The concatenated `text` of all chunks equals `result.text`, and the concatenated
-    `token_ids` equal `result.token_ids`.
+    The last chunk carries the result, or the error that ended the request. The concatenated
+    `text` of all chunks equals `result.text`, and the concatenated `token_ids` equal
+    `result.token_ids`.
     """
 
     text: str
     token_ids: list[int] = field(default_factory=list)
     result: GenerationResult | None = None
+    error: Exception | None = None
 
 
 class InvalidRequestError(ValueError):
