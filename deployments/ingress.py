@@ -97,8 +97,9 @@ def to_response(result: GenerationResult) -> dflash_pb2.GenerateResponse:
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """Map an error from the request path to a gRPC status code and a message for the client.
 
-    An exception raised in the engine replica arrives as a RayTaskError that is also an
-    instance of the original class. Its `cause` is the original exception.
+    The engine returns its own errors as values. Anything else it raises arrives as a
+    RayTaskError whose `cause` is the original exception. Only InvalidRequestError and a
+    request that fails validation are INVALID_ARGUMENT. Any other ValueError is a server bug.
     """
     cause = error.cause if isinstance(error, RayTaskError) else error
     message = str(cause)
@@ -107,9 +108,7 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"the service is at capacity, retry later: {error.message}",
         )
-    if isinstance(error, (InvalidRequestError, pydantic.ValidationError)) or isinstance(
-        cause, ValueError
-    ):
+    if isinstance(cause, (InvalidRequestError, pydantic.ValidationError)):
         return grpc.StatusCode.INVALID_ARGUMENT, message
     if isinstance(cause, EngineStoppedError):
         return grpc.StatusCode.UNAVAILABLE, message

@@ -465,3 +465,30 @@ def test_engine_loop_crash_fails_requests(loaded_target):
             loop.check_alive()
     finally:
         loop.stop()
+
+
+def test_status_for_maps_errors():
+    from ray.exceptions import RayTaskError
+    from ray.serve.exceptions import BackPressureError
+
+    from deployments.ingress import status_for
+
+    wrapped = RayTaskError(
+        "generate", "traceback", InvalidRequestError("bad")
+    ).as_instanceof_cause()
+    cases = [
+        (InvalidRequestError("empty prompt"), grpc.StatusCode.INVALID_ARGUMENT),
+        (wrapped, grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            BackPressureError(num_queued_requests=2, max_queued_requests=2),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ),
+        (EngineStoppedError("stopped"), grpc.StatusCode.UNAVAILABLE),
+        (EngineStepError("step failed"), grpc.StatusCode.INTERNAL),
+        (ValueError("a bug, not the client's fault"), grpc.StatusCode.INTERNAL),
+    ]
+    for error, expected in cases:
+        code, message = status_for(error)
+        assert code == expected, f"{error!r}: {code}"
+        assert message, f"{error!r}: empty message"
+    assert status_for(wrapped)[1] == "bad"
