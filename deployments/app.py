@@ -70,6 +70,18 @@ class AppArgs(BaseModel):
         description="Ongoing requests per engine replica that autoscaling aims for; None "
         "means max_batch_size, so a replica scales out when its slots are full.",
     )
+    upscale_delay_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="Seconds the load must stay above target before Serve adds a replica; "
+        "None keeps Serve's default.",
+    )
+    downscale_delay_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="Seconds the load must stay below target before Serve removes a replica; "
+        "None keeps Serve's default.",
+    )
     max_ongoing_requests: int | None = Field(
         default=None,
         ge=1,
@@ -142,13 +154,17 @@ def build_app(args: AppArgs | dict) -> Application:
             ],
             "placement_group_strategy": "STRICT_PACK",
         }
+    autoscaling = {
+        "min_replicas": args.min_replicas,
+        "initial_replicas": max(args.min_replicas, 1),
+        "max_replicas": args.max_replicas,
+        "target_ongoing_requests": args.target_ongoing_requests or args.max_batch_size,
+    }
+    for name in ("upscale_delay_s", "downscale_delay_s"):
+        if getattr(args, name) is not None:
+            autoscaling[name] = getattr(args, name)
     engine = DFlashEngine.options(
-        autoscaling_config={
-            "min_replicas": args.min_replicas,
-            "initial_replicas": max(args.min_replicas, 1),
-            "max_replicas": args.max_replicas,
-            "target_ongoing_requests": args.target_ongoing_requests or args.max_batch_size,
-        },
+        autoscaling_config=autoscaling,
         max_ongoing_requests=args.max_ongoing_requests or 2 * args.max_batch_size,
         max_queued_requests=args.max_queued_requests,
         ray_actor_options={

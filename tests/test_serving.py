@@ -362,6 +362,37 @@ def test_drafter_actor_in_placement_group(model_folder, reference):
         server.shutdown()
 
 
+@pytest.mark.slow
+def test_engine_autoscales_under_load(model_folder):
+    """Long requests above target_ongoing_requests bring up the second engine replica."""
+    from ray import serve
+
+    from deployments import server
+
+    overrides = {"max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0}
+    args = AppArgs(model=str(model_folder), **{**APP, **overrides, "max_queued_requests": -1})
+    options = server.ServeOptions(grpc_port=free_port(), http_port=free_port(), num_cpus=2)
+    server.start(args, options)
+    streams = []
+    try:
+        client = DFlashClient(f"127.0.0.1:{options.grpc_port}")
+        client.wait_until_ready(timeout=60)
+        for index in range(4):
+            stream = client.generate_stream(request(f"load {index}", max_tokens=440))
+            streams.append(stream)
+        running = 0
+        deadline = time.monotonic() + 90
+        while running < 2 and time.monotonic() < deadline:
+            engine_status = serve.status().applications["dflash"].deployments["DFlashEngine"]
+            running = engine_status.replica_states.get("RUNNING", 0)
+            time.sleep(0.5)
+        assert running == 2
+    finally:
+        for stream in streams:
+            stream.cancel()
+        server.shutdown()
+
+
 # ---- the engine loop alone, without Ray ---------------------------------------------------
 
 
