@@ -55,7 +55,7 @@ class DFlashDrafter:
         self,
         model: DraftModel,
         embed_tokens: nn.Embedding,
-        lm_head: nn.Linear,
+        lm_head: nn.Linear | None,  # None when only draft_hidden is called
         num_slots: int,
         max_seq_len: int,
         block_size: int | None = None,
@@ -92,6 +92,16 @@ class DFlashDrafter:
 
     @torch.inference_mode()
     def draft(self, request: DraftRequest) -> torch.Tensor:
+        hidden = self.draft_hidden(request).to(self.lm_head.weight.dtype)
+        return self.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def draft_hidden(self, request: DraftRequest) -> torch.Tensor:
+        """Return the draft's output states [batch, block_size - 1, hidden] before the LM head.
+
+        A drafter in another process returns these: they are vocab / hidden times smaller
+        than the logits, and the caller applies the target's LM head.
+        """
         device = self.model.device
         slots = torch.tensor(request.slots, device=device)
         self.cache.lengths[slots] = torch.tensor(request.context_starts, device=device)
@@ -100,8 +110,7 @@ class DFlashDrafter:
         block = torch.full((batch, self.block_size), self.mask_token_id, device=device)
         block[:, 0] = torch.tensor(request.last_tokens, device=device)
         hidden = self.model(self.embed_tokens(block), self.cache, slots)  # [batch, B, hidden]
-        hidden = hidden[:, 1:].to(self.lm_head.weight.dtype)
-        return self.lm_head(hidden).float()
+        return hidden[:, 1:]
 
     def _append_context(self, slots: torch.Tensor, context: list[torch.Tensor]) -> None:
         counts = torch.tensor([c.shape[0] for c in context], device=slots.device)

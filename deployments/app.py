@@ -1,0 +1,181 @@
+"""The Serve application: a gRPC ingress in front of autoscaled engine replicas.
+
+`build_app` is an application builder, so a Serve config file can name it
+(`import_path: deployments.app:build_app`) and pass `AppArgs` fields as `args`.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, model_validator
+from ray.serve import Application
+
+from deployments.engine import DFlashEngine, EngineConfig
+from deployments.ingress import DFlashIngress
+from dflash_core.cli import DEFAULT_MAX_BATCH_SIZE, MAX_BLOCK_SIZE
+from dflash_core.fetch import DEFAULT_MODEL
+from dflash_core.pipeline import DTYPES, RANDOM_DRAFT
+
+APP_NAME = "dflash"
+# The servicer function Serve's gRPC proxy imports to register DFlashService.
+GRPC_SERVICER_FUNCTION = "deployments.protos.add_DFlashServiceServicer_to_server"
+DEFAULT_MAX_QUEUED_REQUESTS = 16
+# Requests one ingress replica handles at once; they mostly wait on engine replicas.
+INGRESS_MAX_ONGOING_REQUESTS = 1000
+
+
+class AppArgs(BaseModel):
+    """Arguments of the dflash Serve application."""
+
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description="Target model: a known name, a .gguf file or a Hugging Face folder.",
+    )
+    draft: str | None = Field(
+        default=RANDOM_DRAFT,
+        description=f"Draft checkpoint folder, {RANDOM_DRAFT!r} for a randomly initialised "
+        "draft, or None for plain decoding.",
+    )
+    tp: int = Field(
+        default=1,
+        ge=1,
+        description="Tensor-parallel ranks of the target verifier. Only 1 is supported so far.",
+    )
+    colocated: bool = Field(
+        default=True,
+        description="Run the draft model in the engine replica's process; False runs it in a "
+        "drafter actor in the replica's placement group.",
+    )
+    block_size: int | None = Field(
+        default=None,
+        ge=2,
+        le=MAX_BLOCK_SIZE,
+        description="Draft block size in tokens; None uses the draft's own.",
+    )
+    max_batch_size: int = Field(
+        default=DEFAULT_MAX_BATCH_SIZE,
+        ge=1,
+        description="Sequences one engine replica decodes together (KV cache slots).",
+    )
+    max_seq_len: int | None = Field(
+        default=None,
+        ge=2,
+        description="Tokens per KV cache slot; None sizes slots for the model's full context.",
+    )
+    dtype: str = Field(default="float32", description=f"One of {', '.join(DTYPES)}.")
+    min_replicas: int = Field(default=1, ge=0, description="Minimum number of engine replicas.")
+    max_replicas: int = Field(default=1, ge=1, description="Maximum number of engine replicas.")
+    target_ongoing_requests: float | None = Field(
+        default=None,
+        gt=0,
+        description="Ongoing requests per engine replica that autoscaling aims for; None "
+        "means max_batch_size, so a replica scales out when its slots are full.",
+    )
+    upscale_delay_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="Seconds the load must stay above target before Serve adds a replica; "
+        "None keeps Serve's default.",
+    )
+    downscale_delay_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="Seconds the load must stay below target before Serve removes a replica; "
+        "None keeps Serve's default.",
+    )
+    max_ongoing_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests one engine replica accepts at once (running plus waiting for "
+        "a slot); None means twice max_batch_size.",
+    )
+    max_queued_requests: int = Field(
+        default=DEFAULT_MAX_QUEUED_REQUESTS,
+        ge=-1,
+        description="Requests each ingress replica queues for the engines when every engine "
+        "replica is at max_ongoing_requests; more are rejected with RESOURCE_EXHAUSTED. "
+        "-1 queues without limit.",
+    )
+    engine_num_cpus: float = Field(
+        default=1.0, gt=0, description="CPUs Ray reserves for each engine replica."
+    )
+    drafter_num_cpus: float = Field(
+        default=1.0, gt=0, description="CPUs Ray reserves for each drafter actor (not colocated)."
+    )
+    ingress_num_cpus: float = Field(
+        default=0.1, gt=0, description="CPUs Ray reserves for the ingress replica."
+    )
+    log_level: str = Field(
+        default="INFO", description="Level of the project's logs in replicas and actors."
+    )
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch CPU threads per engine replica; None means engine_num_cpus rounded "
+        "down, at least 1.",
+    )
+
+    @model_validator(mode="after")
+    def check_supported(self) -> AppArgs:
+        # TODO: tensor parallelism: verifier actors holding target shards (torch.distributed,
+        # gloo on CPU, NCCL on GPU) in the replica's placement group, with rank 0 deciding
+        # acceptance and broadcasting it. Until then the target runs whole in the replica.
+        if self.tp != 1:
+            raise ValueError(f"tp={self.tp} is not supported yet; use tp=1")
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas {self.min_replicas} exceeds max_replicas {self.max_replicas}"
+            )
+        return self
+
+
+def build_app(args: AppArgs | dict) -> Application:
+    """Build the application from `AppArgs` (or the dict form a Serve config passes)."""
+    args = AppArgs.model_validate(args)
+    threads = args.threads or max(1, int(args.engine_num_cpus))
+    engine_config = EngineConfig(
+        model=args.model,
+        draft=args.draft,
+        block_size=args.block_size,
+        max_batch_size=args.max_batch_size,
+        max_seq_len=args.max_seq_len,
+        dtype=args.dtype,
+        threads=threads,
+        colocated=args.colocated,
+        drafter_num_cpus=args.drafter_num_cpus,
+        log_level=args.log_level,
+    )
+    placement = {}
+    if not args.colocated and args.draft is not None:
+        # The replica takes bundle 0 and its drafter actor bundle 1, on one node.
+        placement = {
+            "placement_group_bundles": [
+                {"CPU": args.engine_num_cpus},
+                {"CPU": args.drafter_num_cpus},
+            ],
+            "placement_group_strategy": "STRICT_PACK",
+        }
+    autoscaling = {
+        "min_replicas": args.min_replicas,
+        "initial_replicas": max(args.min_replicas, 1),
+        "max_replicas": args.max_replicas,
+        "target_ongoing_requests": args.target_ongoing_requests or args.max_batch_size,
+    }
+    for name in ("upscale_delay_s", "downscale_delay_s"):
+        if getattr(args, name) is not None:
+            autoscaling[name] = getattr(args, name)
+    engine = DFlashEngine.options(
+        autoscaling_config=autoscaling,
+        max_ongoing_requests=args.max_ongoing_requests or 2 * args.max_batch_size,
+        max_queued_requests=args.max_queued_requests,
+        ray_actor_options={
+            "num_cpus": args.engine_num_cpus,
+            # OpenMP reads this at start-up, before torch.set_num_threads runs.
+            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+        },
+        **placement,
+    ).bind(engine_config)
+    ingress = DFlashIngress.options(
+        max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
+        ray_actor_options={"num_cpus": args.ingress_num_cpus},
+    )
+    return ingress.bind(engine, args.log_level)

@@ -1,0 +1,109 @@
+"""Start Ray and Serve with the dflash application, and shut them down again.
+
+Ray is imported inside the functions, so the CLI can read the defaults here without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deployments.app import AppArgs
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GRPC_PORT = 9000
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_HOST = "127.0.0.1"
+# Object store of a cluster started here: requests and stream chunks are small.
+LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
+GRPC_HOST_ENV_VAR = "DFLASH_GRPC_HOST"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Listening ports and host of Serve's proxies, and the Ray cluster to run on."""
+
+    grpc_port: int = DEFAULT_GRPC_PORT
+    http_port: int = DEFAULT_HTTP_PORT
+    host: str = DEFAULT_HOST  # interface both proxies bind to
+    address: str | None = None  # Ray cluster address; None starts a local cluster
+    num_cpus: float | None = None  # CPUs of a local cluster; None fits the application
+
+
+def bind_grpc_proxy_to_host() -> None:
+    """Make Serve's gRPC proxy listen on $DFLASH_GRPC_HOST instead of every interface.
+
+    Runs in each Ray worker as its `worker_process_setup_hook`. ray.serve 2.60 has no host
+    option for the gRPC proxy and binds `[::]:<port>`; this replaces the host in the address
+    its proxy passes to `default_impl.add_grpc_address`.
+    """
+    host = os.environ.get(GRPC_HOST_ENV_VAR)
+    if not host:
+        return
+    from ray.serve._private import default_impl
+
+    add_address = default_impl.add_grpc_address
+
+    def add_address_on_host(server: object, address: str) -> None:
+        port = address.rsplit(":", 1)[1]
+        add_address(server, f"{host}:{port}")
+
+    default_impl.add_grpc_address = add_address_on_host
+
+
+def local_cluster_cpus(args: AppArgs) -> float:
+    """Return the CPUs a local cluster needs for the ingress and the max engine replicas."""
+    per_replica = args.engine_num_cpus
+    if not args.colocated and args.draft is not None:
+        per_replica += args.drafter_num_cpus
+    return float(math.ceil(args.ingress_num_cpus + args.max_replicas * per_replica))
+
+
+def start(args: AppArgs, options: ServeOptions) -> None:
+    """Connect to or start Ray, start Serve's proxies and deploy the application."""
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from deployments.app import APP_NAME, GRPC_SERVICER_FUNCTION, build_app
+
+    runtime_env = {
+        "worker_process_setup_hook": f"{__name__}.bind_grpc_proxy_to_host",
+        "env_vars": {GRPC_HOST_ENV_VAR: options.host},
+    }
+    if options.address is None:
+        num_cpus = options.num_cpus or local_cluster_cpus(args)
+        logger.info("starting a local Ray cluster with %g CPUs", num_cpus)
+        ray.init(
+            num_cpus=num_cpus,
+            num_gpus=0,
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+            include_dashboard=False,
+            runtime_env=runtime_env,
+        )
+    else:
+        logger.info("connecting to the Ray cluster at %s", options.address)
+        ray.init(address=options.address, runtime_env=runtime_env)
+    serve.start(
+        http_options={"host": options.host, "port": options.http_port},
+        grpc_options=gRPCOptions(
+            port=options.grpc_port, grpc_servicer_functions=[GRPC_SERVICER_FUNCTION]
+        ),
+    )
+    logger.info("deploying %s with %s", APP_NAME, args.model_dump())
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+
+
+def shutdown() -> None:
+    """Delete the application, stop Serve, and disconnect from (or stop) Ray."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
