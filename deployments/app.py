@@ -13,7 +13,7 @@ from deployments.engine import DFlashEngine, EngineConfig
 from deployments.ingress import DFlashIngress
 from dflash_core.cli import DEFAULT_MAX_BATCH_SIZE, MAX_BLOCK_SIZE
 from dflash_core.fetch import DEFAULT_MODEL
-from dflash_core.pipeline import DTYPES, RANDOM_DRAFT
+from dflash_core.pipeline import AUTO_DRAFT, DTYPES, RANDOM_DRAFT
 
 APP_NAME = "dflash"
 # The servicer function Serve's gRPC proxy imports to register DFlashService.
@@ -31,8 +31,9 @@ class AppArgs(BaseModel):
         description="Target model: a known name, a .gguf file or a Hugging Face folder.",
     )
     draft: str | None = Field(
-        default=RANDOM_DRAFT,
-        description=f"Draft checkpoint folder, {RANDOM_DRAFT!r} for a randomly initialised "
+        default=AUTO_DRAFT,
+        description=f"Draft checkpoint folder, {AUTO_DRAFT!r} for the draft shipped with the "
+        f"target (plain decoding if none ships), {RANDOM_DRAFT!r} for a randomly initialised "
         "draft, or None for plain decoding.",
     )
     tp: int = Field(

@@ -32,6 +32,7 @@ from dflash_core.cli import DEFAULT_MAX_BATCH_SIZE, MAX_BLOCK_SIZE
 from dflash_core.engine import SpeculativeEngine
 from dflash_core.fetch import DEFAULT_MODEL
 from dflash_core.pipeline import (
+    AUTO_DRAFT,
     DEFAULT_BLOCK_SIZE,
     DTYPES,
     RANDOM_DRAFT,
@@ -55,8 +56,9 @@ class EngineConfig(BaseModel):
         description="Target model: a known name, a .gguf file or a Hugging Face folder.",
     )
     draft: str | None = Field(
-        default=RANDOM_DRAFT,
-        description=f"Draft checkpoint folder, {RANDOM_DRAFT!r} for a randomly initialised "
+        default=AUTO_DRAFT,
+        description=f"Draft checkpoint folder, {AUTO_DRAFT!r} for the draft shipped with the "
+        f"target (plain decoding if none ships), {RANDOM_DRAFT!r} for a randomly initialised "
         "draft, or None for plain decoding with the target alone.",
     )
     block_size: int | None = Field(
