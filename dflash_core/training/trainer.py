@@ -1,8 +1,9 @@
 """Train a DFlash draft for a frozen target on target-generated responses.
 
-Target hidden states are computed once per sequence before the first epoch and kept in memory
-(bf16): the target is frozen, so they never change, and a second pass per epoch would cost a
-full target forward per sequence. Anchors are re-drawn every epoch.
+Target hidden states are computed once per sequence before the first epoch, kept in memory and
+cached on disk in the output folder (bf16): the target is frozen, so they never change, and
+recomputing them would cost a full target forward per sequence per epoch or resume. Anchors
+are re-drawn every epoch.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer_state.pt"
+FEATURES_FILE = "target_features.pt"
 
 
 @dataclass(frozen=True)
@@ -254,6 +256,24 @@ class DraftTrainer:
         self.scheduler.step()
         accuracy = (counts[0, 1:] / counts[1, 1:].clamp_min(1)).tolist()
         return StepStats(loss.item(), accuracy)
+
+    def _load_or_tap_features(self) -> list[torch.Tensor]:
+        """Tap the target once per output folder; a resumed or repeated run reads the file."""
+        path = self.out_dir / FEATURES_FILE
+        key = {
+            "layer_ids": list(self.model.config.target_layer_ids),
+            "sequences": [(s.record_id, len(s.token_ids)) for s in self.sequences],
+        }
+        if path.is_file():
+            saved = torch.load(path, weights_only=False)
+            if saved["key"] == key:
+                logger.info("read cached target hidden states from %s", path)
+                return saved["features"]
+            logger.warning("%s was made for other data or layers; tapping the target again", path)
+        features = tap_target(self.target, self.sequences, self.model.config.target_layer_ids)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "features": features}, path)
+        return features
 
     def _save_checkpoint(self) -> None:
         folder = self.out_dir / CHECKPOINT_DIR
