@@ -1,9 +1,9 @@
 """Train a DFlash draft for a frozen target on target-generated responses.
 
 Target hidden states are computed once per sequence before the first epoch, kept in memory and
-cached on disk in the output folder (bf16): the target is frozen, so they never change, and
-recomputing them would cost a full target forward per sequence per epoch or resume. Anchors
-are re-drawn every epoch.
+cached on disk in the output folder (bf16). The target is frozen, so they never change, and
+recomputing them would cost a full target forward per sequence for every epoch or resume.
+Anchors are re-drawn every epoch.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ class DraftTrainer:
             positions < len(tokens), tokens[positions.clamp_max(len(tokens) - 1)], -100
         )
         labels = labels.view(len(anchors), block_size)
-        labels[:, 0] = -100  # slot 0 holds a known token
+        labels[:, 0] = -100  # slot 0 contains a known token
         context = self.model.context_features(self.features[index].float()[None])[0]
         mask = block_attention_mask(anchors, block_size, len(tokens))
         embeds = self.target.embed_tokens(block_ids.flatten())
@@ -208,7 +208,7 @@ class DraftTrainer:
             )
             start = step_in_epoch * config.sequences_per_step
             batch = order[start : start + config.sequences_per_step].tolist()
-            # Anchors depend on (seed, epoch, step), so a resumed run draws the same ones.
+            # Anchors depend only on (seed, step), so a resumed run draws the same ones.
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.step)
             last = self._optimizer_step(batch, generator)
             self.step += 1
