@@ -15,7 +15,6 @@ import threading
 
 from deployments.server import DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT
 from dflash_core import cli as core_cli
-from dflash_core.fetch import ConversionError, FetchError
 
 logger = logging.getLogger("dflash")
 
@@ -271,17 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        return args.run(args)
-    except (ValueError, OSError, FetchError, ConversionError) as error:
-        logger.error("%s", error)
-        return 2
+    return core_cli.run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

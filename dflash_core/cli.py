@@ -37,7 +37,7 @@ DEFAULT_PROMPT = "Write a Python function that returns the n-th Fibonacci number
 
 
 def result_json(result: GenerationResult) -> dict:
-    """The JSON object printed for one generation."""
+    """Build the JSON object printed for one generation."""
     out = {
         "text": result.text,
         "token_ids": result.token_ids,
@@ -337,7 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_command(build_parser().parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Configure logging, run the parsed subcommand and turn expected errors into exit code 2."""
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,

@@ -192,9 +192,25 @@ def test_cli_reports_bad_lines_and_runs_the_rest(tmp_path: Path):
 
 
 def test_bench_reports_tau_and_speedup(tmp_path: Path):
-    command = [sys.executable, "-m", "dflash_core.cli", "--log-level", "WARNING", "bench",
-               "--draft", "random", "--block-size", "4", "--dataset", "gsm8k,humaneval",
-               "--limit", "2", "--max-new-tokens", "12", "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "dflash_core.cli",
+        "--log-level",
+        "WARNING",
+        "bench",
+        "--draft",
+        "random",
+        "--block-size",
+        "4",
+        "--dataset",
+        "gsm8k,humaneval",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     reports = [json.loads(line) for line in done.stdout.splitlines()]

@@ -56,7 +56,8 @@ def spanning_stop(tokenizer, token_ids, at):
     """A stop string made of the end of token `at` and the start of token `at + 1`."""
     left = tokenizer.decode(token_ids[at : at + 1])
     right = tokenizer.decode(token_ids[at + 1 : at + 2])
-    assert len(left) >= 1 and len(right) >= 1
+    assert len(left) >= 1
+    assert len(right) >= 1
     return left[-2:] + right[:2]
 
 
@@ -75,7 +76,8 @@ def test_stop_string_spanning_two_tokens(target, tokenizer):
     assert result.token_ids == plain.token_ids[: len(result.token_ids)]
     completed = tokenizer.decode(result.token_ids, skip_special_tokens=True)
     shorter = tokenizer.decode(result.token_ids[:-1], skip_special_tokens=True)
-    assert stop in completed and stop not in shorter
+    assert stop in completed
+    assert stop not in shorter
     assert sum(result.acceptance_lengths) == len(result.token_ids) - 1
 
 
