@@ -1,9 +1,9 @@
 """DFlash draft model: proposes a whole block of tokens in one non-causal forward pass.
 
 The draft has no embedding or LM head of its own (it borrows the target's). Its input is
-the block `[newest token, MASK, ..., MASK]`; in every layer the block's queries attend to
-keys/values computed from the context features of all committed tokens (kept in a draft KV
-cache) and from the block itself, with no causal mask.
+the block `[newest token, MASK, ..., MASK]`. In every layer the block's queries attend, with no
+causal mask, to keys/values computed from the context features of all committed tokens (kept
+in a draft KV cache) and from the block itself.
 """
 
 from __future__ import annotations

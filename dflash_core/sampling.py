@@ -1,10 +1,10 @@
 """Per-request sampling parameters, logit filtering and lossless speculative acceptance.
 
-Acceptance keeps the output distribution equal to the target's (speculative rejection
-sampling): draft token `d_i` is accepted with probability `min(1, p_{i-1}(d_i) / q_i(d_i))`;
-at the first rejection the committed token is drawn from `norm(max(p_{i-1} - q_i, 0))`; if
-every draft is accepted, the bonus token is drawn from `p_{B-1}`. Here `p` is the target's
-filtered distribution and `q` the proposal distribution of the draft.
+Speculative rejection sampling keeps the output distribution equal to the target's. Draft
+token `d_i` is accepted with probability `min(1, p_{i-1}(d_i) / q_i(d_i))`. At the first
+rejection the committed token is drawn from `norm(max(p_{i-1} - q_i, 0))`, and if every draft
+is accepted, the bonus token is drawn from `p_{B-1}`. Here `p` is the target's filtered
+distribution and `q` the proposal distribution of the draft.
 """
 
 from __future__ import annotations
