@@ -158,3 +158,29 @@ def test_training_resumes_from_checkpoint(target, tmp_path):
     assert resumed.step == full.step == 4
     for name, tensor in full.model.state_dict().items():
         assert_close(resumed.model.state_dict()[name], tensor, 1e-5, name)
+
+
+def test_resumed_run_reads_cached_target_states(target, tmp_path, monkeypatch):
+    data = tmp_path / "data.jsonl"
+    write_data(target, data, count=4)
+    sequences = read_sequences(data, max_len=64)
+    config = TrainConfig(
+        num_layers=1,
+        block_size=4,
+        num_tapped_layers=1,
+        anchors_per_sequence=4,
+        epochs=2,
+        sequences_per_step=2,
+        checkpoint_every=1,
+        mask_token_id=1,
+    )
+    DraftTrainer(target, sequences, config, tmp_path / "out").train(stop_at_step=1)
+    assert (tmp_path / "out" / "target_features.pt").is_file()
+
+    def no_target_pass(*args, **kwargs):
+        raise AssertionError("the cached target states should have been read")
+
+    monkeypatch.setattr("dflash_core.training.trainer.tap_target", no_target_pass)
+    resumed = DraftTrainer(target, sequences, config, tmp_path / "out")
+    resumed.train()
+    assert resumed.step == 4

@@ -194,9 +194,7 @@ class DraftTrainer:
         began = time.perf_counter()
         self._resume()
         if not self.features:
-            self.features = tap_target(
-                self.target, self.sequences, self.model.config.target_layer_ids
-            )
+            self.features = self._load_or_tap_features()
         config = self.config
         progress = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step")
         last = StepStats(float("nan"), [])
