@@ -213,7 +213,7 @@ class DraftModel(nn.Module):
         starts = cache.lengths[slots]
         context_len = int(starts.max())
         positions = starts[:, None] + torch.arange(block_size, device=block_embeds.device)
-        # Non-causal: each block position sees the row's context and the whole block.
+        # Non-causal: each block position attends to the row's context and the whole block.
         context_visible = torch.arange(context_len, device=starts.device)[None, :] < starts[:, None]
         block_visible = torch.ones(batch, block_size, dtype=torch.bool, device=starts.device)
         mask = torch.cat([context_visible, block_visible], dim=1)[:, None, None, :]

@@ -20,7 +20,7 @@ class DraftRequest:
     """One draft pass for a batch of rows.
 
     Row `i` has `context_starts[i]` tokens already in the drafter's context for `slots[i]`;
-    `context[i]` holds the tapped target states [new_tokens, n * hidden] of the tokens committed
+    `context[i]` contains the tapped target states [new_tokens, n * hidden] of the tokens committed
     since then (the whole prompt for a new sequence, whose start is 0) and `context_tokens[i]`
     their token ids. `last_tokens[i]` is the newest committed token, which opens the block.
     """

@@ -8,7 +8,7 @@ import torch
 class KVCache:
     """Keys and values for `num_slots` sequences of up to `max_seq_len` tokens each.
 
-    Row `slot` holds `lengths[slot]` valid entries; entries past that length are garbage and
+    Row `slot` contains `lengths[slot]` valid entries; entries past that length are garbage and
     are never attended to. Appending writes each row at its own length, so rows of a batch
     may sit at different positions.
     """

@@ -53,7 +53,7 @@ class TargetLayer(nn.Module):
 
 
 def causal_cache_mask(starts: torch.Tensor, seq_len: int, key_len: int) -> torch.Tensor:
-    """Boolean mask [batch, 1, seq, key_len]: query i of a row sees keys up to starts + i."""
+    """Boolean mask [batch, 1, seq, key_len]: query i of a row may attend to keys up to starts + i."""
     query_pos = starts[:, None] + torch.arange(seq_len, device=starts.device)  # [batch, seq]
     key_pos = torch.arange(key_len, device=starts.device)
     return (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]

@@ -99,8 +99,8 @@ def total_variation(counts, exact):
     return 0.5 * sum(abs(counts.get(k, 0) / total - exact.get(k, 0.0)) for k in keys)
 
 
-# The test distribution has 64 outcomes; with 3000 samples, sampling noise alone gives a total
-# variation near 0.05, while a sampler that accepts every draft lands near 0.55.
+# The test distribution has 64 outcomes. With 3000 samples, sampling noise alone gives a total
+# variation near 0.05, and a sampler that accepts every draft lands near 0.55.
 TV_BOUND = 0.075
 SAMPLES = 3000
 

@@ -1,7 +1,6 @@
 """End-to-end checks on the real SmolLM2-135M-Instruct target."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,24 +54,19 @@ def test_random_draft_equals_plain_decoding(smollm2, block_size):
         assert spec.finish_reason == plain.finish_reason
 
 
+def run_dflash(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run `python -m dflash_core.cli --log-level WARNING ARGS` and capture its output."""
+    command = [sys.executable, "-m", "dflash_core.cli", "--log-level", "WARNING", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def write_jsonl(path: Path, lines: list[dict]) -> Path:
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return path
+
+
 def run_cli(*args: str) -> dict:
-    command = [
-        sys.executable,
-        "-m",
-        "dflash_core.cli",
-        "--log-level",
-        "WARNING",
-        "generate",
-        "--json",
-        *args,
-    ]
-    done = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "2"},
-    )
+    done = run_dflash("generate", "--json", *args, timeout=600)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -98,15 +92,7 @@ def test_cli_random_draft_matches_no_draft():
 
 
 def test_cli_rejects_missing_draft(tmp_path: Path):
-    command = [
-        sys.executable,
-        "-m",
-        "dflash_core.cli",
-        "generate",
-        "--draft",
-        str(tmp_path / "nowhere"),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    done = run_dflash("generate", "--draft", str(tmp_path / "nowhere"), timeout=600)
     assert done.returncode == 2
     assert "nowhere' not found" in done.stderr
 
@@ -125,14 +111,8 @@ def test_cli_prompts_file_matches_single_runs(smollm2, tmp_path: Path):
     lines = [{"id": f"p{i}", "prompt": p} for i, p in enumerate(prompts)]
     lines[1]["max_tokens"] = 9  # per-line fields override the flags
     lines[5]["stop"] = ["."]
-    prompts_file = tmp_path / "prompts.jsonl"
-    prompts_file.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    command = [
-        sys.executable,
-        "-m",
-        "dflash_core.cli",
-        "--log-level",
-        "WARNING",
+    prompts_file = write_jsonl(tmp_path / "prompts.jsonl", lines)
+    done = run_dflash(
         "generate",
         "--json",
         "--prompts-file",
@@ -143,8 +123,7 @@ def test_cli_prompts_file_matches_single_runs(smollm2, tmp_path: Path):
         "20",
         "--block-size",
         "4",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    )
     assert done.returncode == 0, done.stderr
     outputs = [json.loads(line) for line in done.stdout.splitlines()]
     assert [o["id"] for o in outputs] == [line["id"] for line in lines]
@@ -164,26 +143,13 @@ def test_cli_prompts_file_matches_single_runs(smollm2, tmp_path: Path):
 
 
 def test_cli_reports_bad_lines_and_runs_the_rest(tmp_path: Path):
-    prompts_file = tmp_path / "prompts.jsonl"
     lines = [
         {"id": "ok", "prompt": "Hi", "max_tokens": 3},
         {"id": "bad", "prompt": "Hi", "presence_penalty": 0.5},
         {"id": "long", "prompt": "Hi", "max_tokens": 10**6},
     ]
-    prompts_file.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    command = [
-        sys.executable,
-        "-m",
-        "dflash_core.cli",
-        "--log-level",
-        "WARNING",
-        "generate",
-        "--json",
-        "--prompts-file",
-        str(prompts_file),
-        "--no-draft",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    prompts_file = write_jsonl(tmp_path / "prompts.jsonl", lines)
+    done = run_dflash("generate", "--json", "--prompts-file", str(prompts_file), "--no-draft")
     assert done.returncode == 1
     outputs = {o["id"]: o for o in map(json.loads, done.stdout.splitlines())}
     assert len(outputs["ok"]["token_ids"]) == 3
@@ -192,12 +158,7 @@ def test_cli_reports_bad_lines_and_runs_the_rest(tmp_path: Path):
 
 
 def test_bench_reports_tau_and_speedup(tmp_path: Path):
-    command = [
-        sys.executable,
-        "-m",
-        "dflash_core.cli",
-        "--log-level",
-        "WARNING",
+    done = run_dflash(
         "bench",
         "--draft",
         "random",
@@ -210,8 +171,7 @@ def test_bench_reports_tau_and_speedup(tmp_path: Path):
         "--max-new-tokens",
         "12",
         "--json",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    )
     assert done.returncode == 0, done.stderr
     reports = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["dataset"] for r in reports] == ["gsm8k", "humaneval"]
@@ -223,8 +183,7 @@ def test_bench_reports_tau_and_speedup(tmp_path: Path):
 
 
 def test_datasets_command_lists_splits():
-    command = [sys.executable, "-m", "dflash_core.cli", "datasets"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    done = run_dflash("datasets", timeout=300)
     assert done.returncode == 0, done.stderr
     assert "gsm8k       1187   132" in done.stdout
     assert "mt_bench" in done.stdout

@@ -24,7 +24,7 @@ def target(tmp_path_factory):
     return random_target(tmp_path_factory.mktemp("llama"), "llama", num_hidden_layers=4)
 
 
-def test_block_mask_sees_context_before_anchor_and_own_block():
+def test_block_mask_limits_each_block():
     mask = block_attention_mask(torch.tensor([2, 5]), block_size=3, num_context=7)
     assert mask.shape == (6, 7 + 6)
     for query in range(3):  # block 0, anchor 2
