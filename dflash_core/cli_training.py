@@ -22,7 +22,12 @@ from dflash_core.pipeline import (
 )
 from dflash_core.sampling import PROPOSAL_MODES, SamplingParams
 from dflash_core.training.datagen import generate_responses
-from dflash_core.training.trainer import DraftTrainer, TrainConfig, read_sequences
+from dflash_core.training.trainer import (
+    TRAIN_VOCABS,
+    DraftTrainer,
+    TrainConfig,
+    read_sequences,
+)
 
 logger = logging.getLogger("dflash")
 
@@ -79,9 +84,10 @@ def run_train(args: argparse.Namespace) -> int:
         sequences_per_step=args.sequences_per_step,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
+        train_vocab=args.train_vocab,
     )
     logger.info("training on %d sequences from %s: %s", len(sequences), data_file, config)
-    trainer = DraftTrainer(target.model, sequences, config, args.out)
+    trainer = DraftTrainer(target.model, sequences, config, args.out, features_dir=data_file.parent)
     summary = trainer.train(stop_at_step=args.stop_at_step)
     if trainer.step < trainer.total_steps:
         logger.info(
@@ -230,6 +236,12 @@ def register(commands: argparse._SubParsersAction, add_model_arguments) -> None:
         "--max-len", type=int, default=DEFAULT_TRAIN_MAX_LEN, help="tokens per sequence at most"
     )
     train.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed")
+    train.add_argument(
+        "--train-vocab",
+        choices=TRAIN_VOCABS,
+        default=DEFAULTS.train_vocab,
+        help="score the loss over the tokens in the data (default, fast on CPU) or all tokens",
+    )
     train.add_argument(
         "--stop-at-step",
         type=int,

@@ -15,7 +15,13 @@ from dflash_core.training.blocks import (
     slot_weights,
 )
 from dflash_core.training.datagen import done_record_ids, generate_responses
-from dflash_core.training.trainer import DraftTrainer, TrainConfig, read_sequences, tap_target
+from dflash_core.training.trainer import (
+    DraftTrainer,
+    TrainConfig,
+    features_file,
+    read_sequences,
+    tap_target,
+)
 from tests.helpers import VOCAB, assert_close, random_target
 
 
@@ -175,7 +181,10 @@ def test_resumed_run_reads_cached_target_states(target, tmp_path, monkeypatch):
         mask_token_id=1,
     )
     DraftTrainer(target, sequences, config, tmp_path / "out").train(stop_at_step=1)
-    assert (tmp_path / "out" / "target_features.pt").is_file()
+    layer_ids = DraftTrainer(
+        target, sequences, config, tmp_path / "x"
+    ).model.config.target_layer_ids
+    assert features_file(tmp_path / "out", layer_ids).is_file()
 
     def no_target_pass(*args, **kwargs):
         raise AssertionError("the cached target states should have been read")
@@ -184,3 +193,64 @@ def test_resumed_run_reads_cached_target_states(target, tmp_path, monkeypatch):
     resumed = DraftTrainer(target, sequences, config, tmp_path / "out")
     resumed.train()
     assert resumed.step == 4
+
+
+def test_grown_data_taps_only_new_records(target, tmp_path, monkeypatch):
+    data = tmp_path / "data.jsonl"
+    write_data(target, data, count=6)
+    sequences = read_sequences(data, max_len=64)
+    config = TrainConfig(
+        num_layers=1,
+        block_size=4,
+        num_tapped_layers=1,
+        epochs=1,
+        sequences_per_step=2,
+        mask_token_id=1,
+    )
+    first = DraftTrainer(target, sequences[:4], config, tmp_path / "a", features_dir=tmp_path)
+    first.train()
+    tapped = []
+
+    def counting_tap(model, seqs, layer_ids):
+        tapped.extend(seq.record_id for seq in seqs)
+        return tap_target(model, seqs, layer_ids)
+
+    monkeypatch.setattr("dflash_core.training.trainer.tap_target", counting_tap)
+    second = DraftTrainer(target, sequences, config, tmp_path / "b", features_dir=tmp_path)
+    second.train()
+    assert tapped == [seq.record_id for seq in sequences[4:]]
+    expected = tap_target(target, sequences, second.model.config.target_layer_ids)
+    for got, want in zip(second.features, expected):
+        assert torch.equal(got, want)
+
+
+def test_data_vocab_scores_the_same_rows_as_the_full_head(target, tmp_path):
+    data = tmp_path / "data.jsonl"
+    write_data(target, data, count=4)
+    sequences = read_sequences(data, max_len=64)
+    base = dict(num_layers=1, block_size=4, num_tapped_layers=1, mask_token_id=1)
+    small = DraftTrainer(target, sequences, TrainConfig(**base), tmp_path / "small")
+    full = DraftTrainer(
+        target, sequences, TrainConfig(**base, train_vocab="full"), tmp_path / "full"
+    )
+    tokens = sorted({t for seq in sequences for t in seq.token_ids})
+    assert small.head.shape[0] == len(tokens) < full.head.shape[0]
+    rows = small.label_rows[torch.tensor(tokens)]
+    assert torch.equal(small.head[rows], full.head[torch.tensor(tokens)])
+    unused = [t for t in range(full.head.shape[0]) if t not in set(tokens)]
+    assert (small.label_rows[torch.tensor(unused)] == -100).all()
+    # Same weights and anchors: the data-vocabulary loss is the full loss with fewer
+    # competing tokens, so it can only be lower.
+    small.model.load_state_dict(full.model.state_dict())
+    small.features = full.features = tap_target(
+        target, sequences, small.model.config.target_layer_ids
+    )
+    for index in range(len(sequences)):
+        loss_small = small.sequence_loss(index, torch.Generator().manual_seed(index))[0]
+        loss_full = full.sequence_loss(index, torch.Generator().manual_seed(index))[0]
+        assert float(loss_small.detach()) <= float(loss_full.detach()) + 1e-5
+
+
+def test_unknown_train_vocab_is_rejected():
+    with pytest.raises(ValueError, match="'words' is not one of data, full"):
+        TrainConfig(train_vocab="words")

@@ -1,9 +1,15 @@
 """Train a DFlash draft for a frozen target on target-generated responses.
 
 Target hidden states are computed once per sequence before the first epoch, kept in memory and
-cached on disk in the output folder (bf16). The target is frozen, so they never change, and
-recomputing them would cost a full target forward per sequence for every epoch or resume.
+cached on disk (bf16) next to the data, one entry per record. The target is frozen, so they
+never change, and recomputing them would cost a full target forward per sequence for every
+epoch, resume or new training run; a run on grown data taps only the new records.
 Anchors are re-drawn every epoch.
+
+The loss normally scores the draft over the tokens that occur in the training data
+(`train_vocab="data"`), not the whole vocabulary: on CPU the LM head over 49K tokens costs more
+than the rest of the step, while the data of one target uses a few thousand distinct tokens.
+Inference still uses the full LM head; `train_vocab="full"` trains against it.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer_state.pt"
-FEATURES_FILE = "target_features.pt"
+TRAIN_VOCABS = ("data", "full")
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,13 @@ class TrainConfig:
     sequences_per_step: int = 4
     checkpoint_every: int = 100  # optimizer steps
     seed: int = 0
+    train_vocab: str = "data"  # "data": loss over the tokens in the data; "full": all tokens
+
+    def __post_init__(self) -> None:
+        if self.train_vocab not in TRAIN_VOCABS:
+            raise ValueError(
+                f"train_vocab {self.train_vocab!r} is not one of {', '.join(TRAIN_VOCABS)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -73,6 +86,16 @@ class TrainingSequence:
 class StepStats:
     loss: float
     slot_accuracy: list[float]  # per slot 1..B-1: fraction of argmax hits
+
+
+def features_file(folder: str | Path, layer_ids: tuple[int, ...]) -> Path:
+    """Where the tapped target states of a data folder are cached for these layers."""
+    return Path(folder) / f"target_states_{'-'.join(str(i) for i in layer_ids)}.pt"
+
+
+def sequence_key(seq: TrainingSequence) -> tuple[int, int]:
+    """Length and checksum of a sequence's tokens: a cached entry is reused only if both match."""
+    return len(seq.token_ids), hash(tuple(seq.token_ids))
 
 
 def read_sequences(path: str | Path, max_len: int) -> list[TrainingSequence]:
@@ -118,6 +141,7 @@ class DraftTrainer:
         sequences: list[TrainingSequence],
         config: TrainConfig,
         out_dir: str | Path,
+        features_dir: str | Path | None = None,
     ) -> None:
         self.target = target.float().eval()
         for param in self.target.parameters():
@@ -125,6 +149,7 @@ class DraftTrainer:
         self.sequences = sequences
         self.config = config
         self.out_dir = Path(out_dir)
+        self.features_dir = Path(features_dir) if features_dir is not None else self.out_dir
         self.gamma = config.gamma or default_gamma(config.block_size)
         layer_ids = default_target_layer_ids(target.config.num_layers, config.num_tapped_layers)
         draft_config = draft_config_for_target(
@@ -149,6 +174,19 @@ class DraftTrainer:
         )
         self.step = 0
         self.features: list[torch.Tensor] = []
+        head = self.target.lm_head.weight.detach()
+        vocab_size = head.shape[0]
+        if config.train_vocab == "data":
+            # Rows of the LM head scored by the loss, and a map from token id to row (-100: none).
+            ids = torch.tensor(
+                sorted({t for s in sequences for t in s.token_ids}), dtype=torch.long
+            )
+            self.head = head[ids].contiguous()
+            self.label_rows = torch.full((vocab_size,), -100, dtype=torch.long)
+            self.label_rows[ids] = torch.arange(len(ids))
+        else:
+            self.head = head
+            self.label_rows = torch.arange(vocab_size)
 
     # ---- one sequence ----------------------------------------------------------------------
 
@@ -175,7 +213,8 @@ class DraftTrainer:
         mask = block_attention_mask(anchors, block_size, len(tokens))
         embeds = self.target.embed_tokens(block_ids.flatten())
         hidden = draft_blocks_forward(self.model, embeds, positions, context, mask)
-        logits = self.target.lm_head(hidden).view(len(anchors), block_size, -1)
+        logits = F.linear(hidden, self.head).view(len(anchors), block_size, -1)
+        labels = torch.where(labels == -100, -100, self.label_rows[labels.clamp_min(0)])
         losses = F.cross_entropy(
             logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
         ).view(len(anchors), block_size)
@@ -256,22 +295,29 @@ class DraftTrainer:
         return StepStats(loss.item(), accuracy)
 
     def _load_or_tap_features(self) -> list[torch.Tensor]:
-        """Tap the target once per output folder; a resumed or repeated run reads the file."""
-        path = self.out_dir / FEATURES_FILE
-        key = {
-            "layer_ids": list(self.model.config.target_layer_ids),
-            "sequences": [(s.record_id, len(s.token_ids)) for s in self.sequences],
-        }
+        """Read cached target states; tap the target only for records the cache lacks."""
+        layer_ids = self.model.config.target_layer_ids
+        path = features_file(self.features_dir, layer_ids)
+        cached: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
         if path.is_file():
-            saved = torch.load(path, weights_only=False)
-            if saved["key"] == key:
-                logger.info("read cached target hidden states from %s", path)
-                return saved["features"]
-            logger.warning("%s was made for other data or layers; tapping the target again", path)
-        features = tap_target(self.target, self.sequences, self.model.config.target_layer_ids)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "features": features}, path)
-        return features
+            cached = torch.load(path, weights_only=False)["records"]
+        missing = [
+            seq
+            for seq in self.sequences
+            if seq.record_id not in cached or cached[seq.record_id][0] != sequence_key(seq)
+        ]
+        logger.info(
+            "target hidden states: %d of %d sequences cached in %s",
+            len(self.sequences) - len(missing),
+            len(self.sequences),
+            path,
+        )
+        if missing:
+            for seq, states in zip(missing, tap_target(self.target, missing, layer_ids)):
+                cached[seq.record_id] = (sequence_key(seq), states)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"layer_ids": list(layer_ids), "records": cached}, path)
+        return [cached[seq.record_id][1] for seq in self.sequences]
 
     def _save_checkpoint(self) -> None:
         folder = self.out_dir / CHECKPOINT_DIR
