@@ -23,7 +23,7 @@ from torch import nn
 
 from deployments.logs import configure_worker_logging
 from dflash_core.draft import DraftModel, check_draft_fits_target
-from dflash_core.drafting import DFlashDrafter, DraftRequest
+from dflash_core.drafting import DFlashDrafter, DraftHead, DraftRequest
 from dflash_core.target import TargetModel
 
 logger = logging.getLogger(__name__)
@@ -66,9 +66,11 @@ class DrafterActor:
 class RemoteDrafter:
     """Implements the `Drafter` protocol by calling a DrafterActor once per step."""
 
-    def __init__(self, actor: ray.actor.ActorHandle, lm_head: nn.Linear) -> None:
+    def __init__(
+        self, actor: ray.actor.ActorHandle, lm_head: nn.Linear, vocab_ids: tuple[int, ...] = ()
+    ) -> None:
         self.actor = actor
-        self.lm_head = lm_head
+        self.head = DraftHead(lm_head, vocab_ids)
         self.block_size, self.target_layer_ids = ray.get(actor.config.remote())
 
     @torch.inference_mode()
@@ -76,7 +78,7 @@ class RemoteDrafter:
         # NOTE: a dead actor raises RayActorError here, which fails the step's requests; the
         # engine does not fall back to plain decoding.
         hidden = ray.get(self.actor.draft_hidden.remote(request))  # [batch, B - 1, hidden]
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+        return self.head(hidden)
 
 
 def start_drafter_actor(
@@ -122,4 +124,4 @@ def start_drafter_actor(
         num_cpus,
         None if placement_group is None else placement_group.id.hex(),
     )
-    return RemoteDrafter(actor, target.lm_head)
+    return RemoteDrafter(actor, target.lm_head, draft.config.draft_vocab_ids)

@@ -37,6 +37,9 @@ class DraftConfig:
     mask_token_id: int
     num_target_layers: int
     target_layer_ids: tuple[int, ...] = field(default=())
+    # Tokens the draft may propose (empty: the whole vocabulary). A draft trained over the
+    # tokens of its data keeps that list, and the drafter scores only those rows of the LM head.
+    draft_vocab_ids: tuple[int, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if self.block_size < 2:
@@ -53,6 +56,12 @@ class DraftConfig:
         if not 0 <= self.mask_token_id < self.decoder.vocab_size:
             raise ConfigError(
                 f"mask_token_id {self.mask_token_id} is outside the vocabulary "
+                f"(size {self.decoder.vocab_size})"
+            )
+        outside = [i for i in self.draft_vocab_ids if not 0 <= i < self.decoder.vocab_size]
+        if outside:
+            raise ConfigError(
+                f"dflash_config.draft_vocab_ids holds {outside[:5]}, outside the vocabulary "
                 f"(size {self.decoder.vocab_size})"
             )
 
@@ -78,19 +87,23 @@ class DraftConfig:
             mask_token_id=int(mask_token_id),
             num_target_layers=int(cfg["num_target_layers"]),
             target_layer_ids=tuple(int(i) for i in dflash.get("target_layer_ids") or ()),
+            draft_vocab_ids=tuple(int(i) for i in dflash.get("draft_vocab_ids") or ()),
         )
 
     def to_hf(self) -> dict[str, Any]:
+        dflash: dict[str, Any] = {
+            "block_size": self.block_size,
+            "mask_token_id": self.mask_token_id,
+            "target_layer_ids": list(self.target_layer_ids),
+        }
+        if self.draft_vocab_ids:
+            dflash["draft_vocab_ids"] = list(self.draft_vocab_ids)
         return {
             **self.decoder.to_hf(),
             "architectures": ["DFlashDraftModel"],
             "num_target_layers": self.num_target_layers,
             "block_size": self.block_size,
-            "dflash_config": {
-                "block_size": self.block_size,
-                "mask_token_id": self.mask_token_id,
-                "target_layer_ids": list(self.target_layer_ids),
-            },
+            "dflash_config": dflash,
         }
 
 
@@ -102,6 +115,7 @@ def draft_config_for_target(
     mask_token_id: int,
     target_layer_ids: tuple[int, ...] = (),
     intermediate_size: int | None = None,
+    draft_vocab_ids: tuple[int, ...] = (),
 ) -> DraftConfig:
     """Build a draft configuration that fits `target` (same hidden size and vocabulary)."""
     decoder = replace(
@@ -119,6 +133,7 @@ def draft_config_for_target(
         mask_token_id=mask_token_id,
         num_target_layers=target.num_layers,
         target_layer_ids=target_layer_ids,
+        draft_vocab_ids=draft_vocab_ids,
     )
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dflash_core.draft import DraftModel, check_draft_fits_target
@@ -43,6 +44,30 @@ class Drafter(Protocol):
         ...
 
 
+class DraftHead:
+    """The target's LM head as a drafter applies it, returning fp32 logits over the vocabulary.
+
+    With `vocab_ids` (the draft's vocabulary) it scores only those rows and gives every other
+    token -inf, so the draft never proposes it. On CPU the full head over 7 block slots costs
+    about a third of a plain decoding step for SmolLM2; a few thousand rows cost a tenth of that.
+    Verification is unchanged, so output stays exact either way.
+    """
+
+    def __init__(self, lm_head: nn.Linear, vocab_ids: tuple[int, ...] = ()) -> None:
+        weight = lm_head.weight.detach()
+        self.vocab_size = weight.shape[0]
+        self.ids = torch.tensor(vocab_ids, device=weight.device) if vocab_ids else None
+        self.weight = weight[self.ids].contiguous() if self.ids is not None else weight
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden.to(self.weight.dtype), self.weight).float()
+        if self.ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
+        full[..., self.ids] = logits
+        return full
+
+
 class DFlashDrafter:
     """Runs a DFlash draft model with the target's embedding table and LM head.
 
@@ -62,7 +87,7 @@ class DFlashDrafter:
     ) -> None:
         self.model = model
         self.embed_tokens = embed_tokens
-        self.lm_head = lm_head
+        self.head = DraftHead(lm_head, model.config.draft_vocab_ids) if lm_head else None
         self.block_size = model.config.block_size if block_size is None else block_size
         if self.block_size < 2:
             raise ValueError(f"block_size must be >= 2, got {self.block_size}")
@@ -92,8 +117,9 @@ class DFlashDrafter:
 
     @torch.inference_mode()
     def draft(self, request: DraftRequest) -> torch.Tensor:
-        hidden = self.draft_hidden(request).to(self.lm_head.weight.dtype)
-        return self.lm_head(hidden).float()
+        if self.head is None:
+            raise RuntimeError("this drafter was built without an LM head; call draft_hidden")
+        return self.head(self.draft_hidden(request))
 
     @torch.inference_mode()
     def draft_hidden(self, request: DraftRequest) -> torch.Tensor:

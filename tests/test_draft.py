@@ -12,7 +12,7 @@ from dflash_core.draft import (
     draft_config_for_target,
     new_draft_model,
 )
-from dflash_core.drafting import DFlashDrafter, DraftRequest
+from dflash_core.drafting import DFlashDrafter, DraftHead, DraftRequest
 from dflash_core.layers import apply_rope
 from tests.helpers import VOCAB, assert_close, random_target
 
@@ -182,3 +182,22 @@ def test_mistral_sliding_window_is_rejected():
     with pytest.raises(ConfigError, match="sliding-window"):
         DecoderConfig.from_hf(config)
     assert DecoderConfig.from_hf(published_style_config(model_type="mistral", sliding_window=None))
+
+
+def test_draft_vocabulary_round_trip_and_bounds(tmp_path, target):
+    model = make_draft(target, draft_vocab_ids=(2, 3, 50))
+    save_draft(model, tmp_path)
+    assert load_draft(tmp_path).config.draft_vocab_ids == (2, 3, 50)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["dflash_config"]["draft_vocab_ids"] == [2, 3, 50]
+    with pytest.raises(ConfigError, match=rf"draft_vocab_ids holds \[{VOCAB}\].*size {VOCAB}"):
+        make_draft(target, draft_vocab_ids=(1, VOCAB))
+
+
+def test_draft_head_scores_only_its_vocabulary(target):
+    hidden = torch.randn(2, 3, target.config.hidden_size)
+    full = DraftHead(target.lm_head)(hidden)
+    limited = DraftHead(target.lm_head, (1, 4, 9))(hidden)
+    assert_close(limited[..., [1, 4, 9]], full[..., [1, 4, 9]], 1e-5, "draft head rows")
+    others = [t for t in range(VOCAB) if t not in (1, 4, 9)]
+    assert torch.isneginf(limited[..., others]).all()

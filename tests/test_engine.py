@@ -264,3 +264,35 @@ def test_finishing_twice_is_rejected(target):
     with pytest.raises(RuntimeError, match="slot 0 was already released"):
         engine.finish(seq)
     assert engine.free_slots == [0, 1]
+
+
+def test_draft_vocabulary_limits_proposals_and_keeps_output_exact(target):
+    vocab_ids = tuple(range(0, VOCAB, 3))
+    config = draft_config_for_target(
+        target.config,
+        num_layers=1,
+        block_size=4,
+        mask_token_id=VOCAB - 1,
+        draft_vocab_ids=vocab_ids,
+    )
+    drafter = DFlashDrafter.for_target(
+        new_draft_model(config, seed=0, std=0.2), target, num_slots=1, max_seq_len=MAX_SEQ_LEN
+    )
+    proposals = []
+    original = drafter.draft
+
+    def recording_draft(request):
+        logits = original(request)
+        proposals.extend(logits.argmax(-1).flatten().tolist())
+        outside = [t for t in range(VOCAB) if t not in vocab_ids]
+        assert torch.isneginf(logits[..., outside]).all()
+        return logits
+
+    drafter.draft = recording_draft
+    engine = SpeculativeEngine(target, drafter, max_seq_len=MAX_SEQ_LEN)
+    for prompt in prompts(4, seed=7):
+        expected = plain_output(target, prompt, 30)
+        assert engine.generate(prompt, SamplingParams(max_new_tokens=30)).token_ids == (
+            expected.token_ids
+        )
+    assert proposals and set(proposals) <= set(vocab_ids)

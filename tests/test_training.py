@@ -235,6 +235,8 @@ def test_data_vocab_scores_the_same_rows_as_the_full_head(target, tmp_path):
     )
     tokens = sorted({t for seq in sequences for t in seq.token_ids})
     assert small.head.shape[0] == len(tokens) < full.head.shape[0]
+    assert small.model.config.draft_vocab_ids == tuple(tokens)
+    assert full.model.config.draft_vocab_ids == ()
     rows = small.label_rows[torch.tensor(tokens)]
     assert torch.equal(small.head[rows], full.head[torch.tensor(tokens)])
     unused = [t for t in range(full.head.shape[0]) if t not in set(tokens)]

@@ -9,7 +9,8 @@ Anchors are re-drawn every epoch.
 The loss normally scores the draft over the tokens that occur in the training data
 (`train_vocab="data"`), not the whole vocabulary: on CPU the LM head over 49K tokens costs more
 than the rest of the step, while the data of one target uses a few thousand distinct tokens.
-Inference still uses the full LM head; `train_vocab="full"` trains against it.
+The draft checkpoint keeps that token list and proposes only those tokens at inference, which
+also makes its LM head cheap there; `train_vocab="full"` trains and drafts over every token.
 """
 
 from __future__ import annotations
@@ -152,6 +153,20 @@ class DraftTrainer:
         self.features_dir = Path(features_dir) if features_dir is not None else self.out_dir
         self.gamma = config.gamma or default_gamma(config.block_size)
         layer_ids = default_target_layer_ids(target.config.num_layers, config.num_tapped_layers)
+        head = self.target.lm_head.weight.detach()
+        vocab_size = head.shape[0]
+        vocab_ids: tuple[int, ...] = ()
+        if config.train_vocab == "data":
+            # The loss scores these rows of the LM head; label_rows maps a token to its row
+            # (-100: not scored). The draft keeps the list and proposes only these tokens.
+            vocab_ids = tuple(sorted({t for s in sequences for t in s.token_ids}))
+            ids = torch.tensor(vocab_ids, dtype=torch.long)
+            self.head = head[ids].contiguous()
+            self.label_rows = torch.full((vocab_size,), -100, dtype=torch.long)
+            self.label_rows[ids] = torch.arange(len(ids))
+        else:
+            self.head = head
+            self.label_rows = torch.arange(vocab_size)
         draft_config = draft_config_for_target(
             target.config,
             num_layers=config.num_layers,
@@ -159,6 +174,7 @@ class DraftTrainer:
             mask_token_id=config.mask_token_id,
             target_layer_ids=layer_ids,
             intermediate_size=config.intermediate_size,
+            draft_vocab_ids=vocab_ids,
         )
         self.model: DraftModel = new_draft_model(draft_config, seed=config.seed).train()
         self.weights = slot_weights(config.block_size, self.gamma)
@@ -174,19 +190,6 @@ class DraftTrainer:
         )
         self.step = 0
         self.features: list[torch.Tensor] = []
-        head = self.target.lm_head.weight.detach()
-        vocab_size = head.shape[0]
-        if config.train_vocab == "data":
-            # Rows of the LM head scored by the loss, and a map from token id to row (-100: none).
-            ids = torch.tensor(
-                sorted({t for s in sequences for t in s.token_ids}), dtype=torch.long
-            )
-            self.head = head[ids].contiguous()
-            self.label_rows = torch.full((vocab_size,), -100, dtype=torch.long)
-            self.label_rows[ids] = torch.arange(len(ids))
-        else:
-            self.head = head
-            self.label_rows = torch.arange(vocab_size)
 
     # ---- one sequence ----------------------------------------------------------------------
 
