@@ -25,10 +25,19 @@ class TargetOutput:
 
 
 class TargetLayer(nn.Module):
-    def __init__(self, config: DecoderConfig) -> None:
+    """One decoder layer. A tensor-parallel shard passes its share of the heads and of the MLP
+    width, and overrides `reduce` to sum the partial outputs of the ranks."""
+
+    def __init__(
+        self,
+        config: DecoderConfig,
+        num_heads: int | None = None,
+        num_kv_heads: int | None = None,
+        intermediate_size: int | None = None,
+    ) -> None:
         super().__init__()
-        self.self_attn = AttentionProjections(config)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.self_attn = AttentionProjections(config, num_heads, num_kv_heads)
+        self.mlp = SwiGLU(config.hidden_size, intermediate_size or config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -48,8 +57,12 @@ class TargetLayer(nn.Module):
         k, v = self.self_attn.keys_values(h, cos, sin)
         cache.write(layer_index, slots, starts, k, v)
         keys, values = cache.read(layer_index, slots, mask.shape[-1])
-        x = x + self.self_attn.attend(q, keys, values, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.reduce(self.self_attn.attend(q, keys, values, mask))
+        return x + self.reduce(self.mlp(self.post_attention_layernorm(x)))
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sum the outputs of o_proj or down_proj over tensor-parallel ranks (here: one rank)."""
+        return partial
 
 
 def causal_cache_mask(starts: torch.Tensor, seq_len: int, key_len: int) -> torch.Tensor:
