@@ -39,7 +39,9 @@ class AppArgs(BaseModel):
     tp: int = Field(
         default=1,
         ge=1,
-        description="Tensor-parallel ranks of the target verifier. Only 1 is supported so far.",
+        description="Tensor-parallel ranks of the target verifier: the engine replica is rank "
+        "0 and each other rank is a verifier actor in its placement group. At most the "
+        "target's key/value heads (3 for SmolLM2-135M).",
     )
     colocated: bool = Field(
         default=True,
@@ -102,6 +104,12 @@ class AppArgs(BaseModel):
     drafter_num_cpus: float = Field(
         default=1.0, gt=0, description="CPUs Ray reserves for each drafter actor (not colocated)."
     )
+    verifier_num_cpus: float | None = Field(
+        default=None,
+        gt=0,
+        description="CPUs Ray reserves for each verifier actor (tp > 1); None means "
+        "engine_num_cpus, because every rank does the same share of the target's work.",
+    )
     ingress_num_cpus: float = Field(
         default=0.1, gt=0, description="CPUs Ray reserves for the ingress replica."
     )
@@ -111,22 +119,31 @@ class AppArgs(BaseModel):
     threads: int | None = Field(
         default=None,
         ge=1,
-        description="torch CPU threads per engine replica; None means engine_num_cpus rounded "
-        "down, at least 1.",
+        description="torch CPU threads per engine replica and per verifier actor; None means "
+        "engine_num_cpus rounded down, at least 1.",
     )
 
     @model_validator(mode="after")
     def check_supported(self) -> AppArgs:
-        # TODO: tensor parallelism: verifier actors holding target shards (torch.distributed,
-        # gloo on CPU, NCCL on GPU) in the replica's placement group, with rank 0 deciding
-        # acceptance and broadcasting it. Until then the target runs whole in the replica.
-        if self.tp != 1:
-            raise ValueError(f"tp={self.tp} is not supported yet; use tp=1")
         if self.min_replicas > self.max_replicas:
             raise ValueError(
                 f"min_replicas {self.min_replicas} exceeds max_replicas {self.max_replicas}"
             )
         return self
+
+
+def placement_bundles(args: AppArgs) -> list[dict[str, float]]:
+    """Return the bundles of one engine replica's placement group.
+
+    In the order `verifier_bundle_index` expects: the replica (rank 0), the drafter actor
+    when the draft is not colocated, then one verifier actor per rank 1..tp-1.
+    """
+    bundles = [{"CPU": args.engine_num_cpus}]
+    if not args.colocated and args.draft is not None:
+        bundles.append({"CPU": args.drafter_num_cpus})
+    verifier_cpus = args.verifier_num_cpus or args.engine_num_cpus
+    bundles += [{"CPU": verifier_cpus} for _ in range(1, args.tp)]
+    return bundles
 
 
 def build_app(args: AppArgs | dict) -> Application:
@@ -143,18 +160,15 @@ def build_app(args: AppArgs | dict) -> Application:
         threads=threads,
         colocated=args.colocated,
         drafter_num_cpus=args.drafter_num_cpus,
+        tp=args.tp,
+        verifier_num_cpus=args.verifier_num_cpus or args.engine_num_cpus,
         log_level=args.log_level,
     )
+    bundles = placement_bundles(args)
     placement = {}
-    if not args.colocated and args.draft is not None:
-        # The replica takes bundle 0 and its drafter actor bundle 1, on one node.
-        placement = {
-            "placement_group_bundles": [
-                {"CPU": args.engine_num_cpus},
-                {"CPU": args.drafter_num_cpus},
-            ],
-            "placement_group_strategy": "STRICT_PACK",
-        }
+    if len(bundles) > 1:
+        # All on one node: the tensor-parallel group meets on 127.0.0.1.
+        placement = {"placement_group_bundles": bundles, "placement_group_strategy": "STRICT_PACK"}
     autoscaling = {
         "min_replicas": args.min_replicas,
         "initial_replicas": max(args.min_replicas, 1),

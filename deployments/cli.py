@@ -33,7 +33,17 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
 
 def add_engine_arguments(engine: argparse._ArgumentGroup) -> None:
     engine.add_argument(
-        "--tp", type=int, default=None, help="tensor-parallel ranks (only 1 is supported)"
+        "--tp",
+        type=int,
+        default=None,
+        help="tensor-parallel ranks of the target, at most its key/value heads (default 1). "
+        "Ranks 1 and up run in verifier actors",
+    )
+    engine.add_argument(
+        "--verifier-num-cpus",
+        type=float,
+        default=None,
+        help="CPUs Ray reserves per verifier actor with --tp 2 or more (default: the engine's)",
     )
     engine.add_argument(
         "--colocated",
@@ -184,6 +194,7 @@ def run_serve(args: argparse.Namespace) -> int:
         "max_queued_requests": args.max_queued_requests,
         "engine_num_cpus": args.engine_num_cpus,
         "drafter_num_cpus": args.drafter_num_cpus,
+        "verifier_num_cpus": args.verifier_num_cpus,
         "threads": args.threads,
         "log_level": args.log_level,
     }

@@ -3,7 +3,8 @@
 A request lives its whole life on one replica. The replica tokenizes it, queues it on its
 `EngineLoop` and streams the committed output back to the caller (the ingress) through a
 streaming DeploymentHandle. The draft model runs in the replica's process (colocated) or in a
-drafter actor in the replica's placement group.
+drafter actor in the replica's placement group. With `tp` > 1 the replica is rank 0 of the
+tensor-parallel target and starts verifier actors for the other ranks.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -28,7 +30,9 @@ from deployments.schemas import (
     InvalidRequestError,
     StreamChunk,
 )
+from deployments.verifier import TensorParallelVerifiers, start_verifiers
 from dflash_core.cli import DEFAULT_MAX_BATCH_SIZE, MAX_BLOCK_SIZE
+from dflash_core.draft import DraftModel
 from dflash_core.engine import SpeculativeEngine
 from dflash_core.fetch import DEFAULT_MODEL
 from dflash_core.pipeline import (
@@ -87,6 +91,15 @@ class EngineConfig(BaseModel):
     drafter_num_cpus: float = Field(
         default=1.0, gt=0, description="CPUs of the drafter actor when not colocated."
     )
+    tp: int = Field(
+        default=1,
+        ge=1,
+        description="Tensor-parallel ranks of the target: the replica is rank 0 and starts a "
+        "verifier actor for each other rank. At most the target's key/value heads.",
+    )
+    verifier_num_cpus: float = Field(
+        default=1.0, gt=0, description="CPUs of each verifier actor when tp > 1."
+    )
     log_level: str = Field(default="INFO", description="Level of the replica's project logs.")
 
 
@@ -113,8 +126,14 @@ def encode_request(tokenizer: PreTrainedTokenizerBase, request: GenerationReques
     return encode_prompt(tokenizer, request.prompt, chat_template=not request.raw_prompt)
 
 
-def load_engine(config: EngineConfig) -> tuple[LoadedTarget, SpeculativeEngine]:
-    """Load the target and the draft, and build the engine with a colocated or remote drafter."""
+def load_engine(
+    config: EngineConfig,
+) -> tuple[LoadedTarget, SpeculativeEngine, TensorParallelVerifiers | None]:
+    """Load the target and the draft, and build the engine with a colocated or remote drafter.
+
+    With `tp` > 1 the target is sharded over this process and verifier actors, which the
+    caller closes when the engine stops.
+    """
     target = load_target_and_tokenizer(config.model, config.dtype)
     draft = None
     if config.draft is not None:
@@ -122,6 +141,31 @@ def load_engine(config: EngineConfig) -> tuple[LoadedTarget, SpeculativeEngine]:
         draft = build_draft(config.draft, target, block_size=block_size, dtype=config.dtype)
     block_size = config.block_size or (draft.config.block_size if draft else 1)
     max_seq_len = config.max_seq_len or (target.model.config.max_position_embeddings + block_size)
+    verifiers = None
+    if config.tp > 1:
+        verifiers = start_verifiers(
+            target.model,
+            target.folder,
+            tp=config.tp,
+            dtype=config.dtype,
+            num_cpus=config.verifier_num_cpus,
+            threads=config.threads,
+            separate_drafter=not config.colocated and draft is not None,
+        )
+        # Rank 0 keeps only its shard, so the whole model is freed here.
+        target = replace(target, model=verifiers.target)
+    try:
+        return target, build_engine_on(target, draft, config, max_seq_len), verifiers
+    except BaseException:
+        if verifiers is not None:
+            verifiers.close()
+        raise
+
+
+def build_engine_on(
+    target: LoadedTarget, draft: DraftModel | None, config: EngineConfig, max_seq_len: int
+) -> SpeculativeEngine:
+    """Build the engine with the draft in this process or in a drafter actor."""
     if config.colocated or draft is None:
         engine = build_engine(
             target,
@@ -148,7 +192,7 @@ def load_engine(config: EngineConfig) -> tuple[LoadedTarget, SpeculativeEngine]:
             eos_token_ids=target.eos_token_ids,
             decode=partial(target.tokenizer.decode, skip_special_tokens=True),
         )
-    return target, engine
+    return engine
 
 
 @serve.deployment(name="DFlashEngine")
@@ -163,7 +207,7 @@ class DFlashEngine:
             config.model_dump(),
             os.environ.get("OMP_NUM_THREADS"),
         )
-        target, engine = load_engine(config)
+        target, engine, self.verifiers = load_engine(config)
         self.tokenizer = target.tokenizer
         self.loop = EngineLoop(Scheduler(engine))
         logger.info(
@@ -209,8 +253,14 @@ class DFlashEngine:
     def check_health(self) -> None:
         """Called by Serve; an exception marks the replica unhealthy, so Serve replaces it."""
         self.loop.check_alive()
+        if self.verifiers is not None:
+            self.verifiers.check_alive()
 
     def __del__(self) -> None:
+        # The loop thread stops first: it is the only other caller of the verifier group.
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.stop()
+        verifiers = getattr(self, "verifiers", None)
+        if verifiers is not None:
+            verifiers.close()

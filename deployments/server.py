@@ -58,9 +58,9 @@ def bind_grpc_proxy_to_host() -> None:
 
 def local_cluster_cpus(args: AppArgs) -> float:
     """Return the CPUs a local cluster needs for the ingress and the max engine replicas."""
-    per_replica = args.engine_num_cpus
-    if not args.colocated and args.draft is not None:
-        per_replica += args.drafter_num_cpus
+    from deployments.app import placement_bundles
+
+    per_replica = sum(bundle["CPU"] for bundle in placement_bundles(args))
     return float(math.ceil(args.ingress_num_cpus + args.max_replicas * per_replica))
 
 

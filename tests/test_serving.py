@@ -28,7 +28,7 @@ import torch
 from transformers import AutoTokenizer
 
 from deployments import cli
-from deployments.app import AppArgs
+from deployments.app import AppArgs, placement_bundles
 from deployments.client import DFlashClient
 from deployments.engine import EngineConfig, encode_request
 from deployments.engine_loop import EngineLoop
@@ -39,6 +39,7 @@ from deployments.schemas import (
     GenerationRequest,
     InvalidRequestError,
 )
+from deployments.verifier import verifier_bundle_index
 from dflash_core.fetch import DEFAULT_MODEL, resolve_model
 from dflash_core.pipeline import build_engine, encode_prompt, load_target_and_tokenizer
 from dflash_core.sampling import SamplingParams
@@ -360,6 +361,74 @@ def test_drafter_actor_in_placement_group(model_folder, reference):
         assert ray.is_initialized()
     finally:
         server.shutdown()
+
+
+def verifier_processes() -> list[psutil.Process]:
+    """Ray worker processes of verifier actors, found by the title Ray gives them."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any("ray::VerifierActor" in part for part in process.info["cmdline"] or ()):
+            found.append(process)
+    return found
+
+
+@pytest.mark.slow
+def test_tensor_parallel_engine_matches_core(model_folder, reference):
+    """An engine replica with tp=2 (itself rank 0, one verifier actor) gives the same greedy
+    tokens, and deleting the app stops the verifier actor."""
+    from ray import serve
+    from ray.util.placement_group import placement_group_table
+
+    from deployments import server
+
+    overrides = {"tp": 2, "verifier_num_cpus": 0.1}
+    args = AppArgs(model=str(model_folder), **{**APP, **overrides})
+    options = server.ServeOptions(grpc_port=free_port(), http_port=free_port(), num_cpus=2)
+    server.start(args, options)
+    try:
+        with DFlashClient(f"127.0.0.1:{options.grpc_port}") as client:
+            client.wait_until_ready(timeout=60)
+            with ThreadPoolExecutor(3) as pool:
+                responses = list(
+                    pool.map(lambda p: client.generate(request(p), timeout=120), PROMPTS[:3])
+                )
+        for prompt, response in zip(PROMPTS, responses):
+            assert list(response.token_ids) == reference[prompt].token_ids, prompt
+        groups = [g for g in placement_group_table().values() if g["state"] == "CREATED"]
+        bundles = [list(g["bundles"].values()) for g in groups]
+        assert [{"CPU": 0.1}, {"CPU": 0.1}] in bundles, bundles
+        verifiers = verifier_processes()
+        assert len(verifiers) == 1, verifiers
+        serve.delete("dflash")
+        _, alive = psutil.wait_procs(verifiers, timeout=30)
+        assert alive == []
+    finally:
+        server.shutdown()
+
+
+def test_tensor_parallel_rejects_tp_above_kv_heads(model_folder):
+    """Checked before any actor starts, so no Ray cluster is needed to see the error."""
+    from deployments.engine import load_engine
+
+    config = EngineConfig(model=str(model_folder), draft=None, tp=3, max_seq_len=MAX_SEQ_LEN)
+    with pytest.raises(ValueError, match="tp=3 is larger than the target's 2 key/value heads"):
+        load_engine(config)
+
+
+def test_app_args_reject_tp_zero():
+    with pytest.raises(ValueError, match="tp"):
+        AppArgs(tp=0)
+
+
+def test_placement_bundles_order():
+    args = AppArgs(
+        tp=3, colocated=False, engine_num_cpus=1, drafter_num_cpus=0.5, verifier_num_cpus=0.2
+    )
+    assert placement_bundles(args) == [{"CPU": 1}, {"CPU": 0.5}, {"CPU": 0.2}, {"CPU": 0.2}]
+    assert [verifier_bundle_index(rank, separate_drafter=True) for rank in (1, 2)] == [2, 3]
+    colocated = AppArgs(tp=2, engine_num_cpus=0.5)
+    assert placement_bundles(colocated) == [{"CPU": 0.5}, {"CPU": 0.5}]
+    assert verifier_bundle_index(1, separate_drafter=False) == 1
 
 
 @pytest.mark.slow
