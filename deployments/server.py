@@ -64,6 +64,19 @@ def local_cluster_cpus(args: AppArgs) -> float:
     return float(math.ceil(args.ingress_num_cpus + args.max_replicas * per_replica))
 
 
+def check_tensor_parallel(model: str, tp: int) -> None:
+    """Raise ValueError if the target cannot be split over `tp` ranks.
+
+    Called for a local cluster, whose replicas load the model on this machine. The replica
+    checks again, but there the error surfaces only after Serve's constructor retries.
+    """
+    from dflash_core.config import DecoderConfig, read_config_json
+    from dflash_core.fetch import resolve_model
+    from dflash_core.target_shard import plan_shards
+
+    plan_shards(DecoderConfig.from_hf(read_config_json(resolve_model(model))), tp)
+
+
 def start(args: AppArgs, options: ServeOptions) -> None:
     """Connect to or start Ray, start Serve's proxies and deploy the application."""
     import ray
@@ -72,6 +85,8 @@ def start(args: AppArgs, options: ServeOptions) -> None:
 
     from deployments.app import APP_NAME, GRPC_SERVICER_FUNCTION, build_app
 
+    if args.tp > 1 and options.address is None:
+        check_tensor_parallel(args.model, args.tp)
     runtime_env = {
         "worker_process_setup_hook": f"{__name__}.bind_grpc_proxy_to_host",
         "env_vars": {GRPC_HOST_ENV_VAR: options.host},

@@ -70,7 +70,7 @@ class VerifierActor:
         self.group: TensorParallelGroup | None = None
         self.sharded: TargetShard | None = None
         logger.info(
-            "verifier rank %d of %d loaded %s (pid %d, %d torch threads)",
+            "verifier rank %d of %d loaded %s (pid %d, torch threads %d)",
             rank,
             world_size,
             folder,

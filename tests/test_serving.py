@@ -415,6 +415,17 @@ def test_tensor_parallel_rejects_tp_above_kv_heads(model_folder):
         load_engine(config)
 
 
+def test_serve_cli_rejects_tp_above_kv_heads(model_folder, caplog):
+    """A local cluster checks tp before starting Ray, so the error comes at once."""
+    import ray
+
+    command = ["serve", "--model", str(model_folder), "--tp", "3"]
+    command += ["--grpc-port", str(free_port()), "--http-port", str(free_port())]
+    assert cli.main(command) == 2
+    assert "tp=3 is larger than the target's 2 key/value heads" in caplog.text
+    assert not ray.is_initialized()
+
+
 def test_app_args_reject_tp_zero():
     with pytest.raises(ValueError, match="tp"):
         AppArgs(tp=0)
