@@ -3,9 +3,9 @@
 A rank holds:
 - attention split by key/value head: some key/value heads and the query heads that read them
   (grouped-query attention), so its KV cache holds only its own heads;
-- q/k/v and the MLP's gate/up projections column-parallel (a slice of the weight's rows),
-  o_proj and down_proj row-parallel (a slice of its columns), each followed by an all-reduce
-  that sums the ranks' partial outputs, so every rank continues with the full hidden state;
+- q/k/v and the MLP's gate/up projections column-parallel (a slice of the weight's rows);
+- o_proj and down_proj row-parallel (a slice of its columns). An all-reduce after each sums
+  the ranks' partial outputs, so every rank continues with the full hidden state;
 - the embedding table, the norms and RoPE whole;
 - the LM head vocabulary-parallel: a slice of its rows, whose fp32 logits rank 0 gathers.
 Counts that do not divide by the number of ranks are split with the first ranks taking one more
@@ -39,7 +39,7 @@ def split_range(total: int, parts: int) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class RankShard:
-    """The part of the target one rank holds; each range is [start, stop)."""
+    """The part of the target that one rank keeps. Each range is [start, stop)."""
 
     rank: int
     world_size: int
@@ -58,7 +58,7 @@ class RankShard:
 
 
 def plan_shards(config: DecoderConfig, world_size: int) -> list[RankShard]:
-    """Return the shard of each of `world_size` ranks; raises ValueError if it cannot be split."""
+    """Return the shard of each of `world_size` ranks, or raise ValueError if none fits."""
     if world_size < 1:
         raise ValueError(f"tp={world_size} is invalid: use 1 or more tensor-parallel ranks")
     if world_size > config.num_kv_heads:
@@ -88,7 +88,7 @@ def shard_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Cut a whole target's state dict down to one rank's shard.
 
-    Sliced tensors are copies, so the whole model can be freed; the LM head of a tied model is
+    Sliced tensors are copies, so the whole model can be freed. The LM head of a tied model is
     a view of the embedding table, which every rank keeps whole.
     """
     dim = config.head_dim
@@ -119,7 +119,7 @@ def shard_state_dict(
 
 
 class ShardedTargetLayer(TargetLayer):
-    """A decoder layer with this rank's heads and MLP channels; sums partial outputs over ranks."""
+    """A decoder layer with this rank's heads and MLP channels, summing partial outputs over ranks."""
 
     def __init__(
         self, config: DecoderConfig, shard: RankShard, group: dist.ProcessGroup | None
@@ -145,7 +145,7 @@ class TargetShard(TargetModel):
     ) -> None:
         super().__init__(config)
         self.shard = shard
-        # o_proj's bias is added by rank 0 alone; the all-reduce then sums it in once.
+        # Only rank 0 adds o_proj's bias, so the all-reduce sums it in once.
         layer_config = config if shard.rank == 0 else replace(config, output_bias=False)
         self.layers = nn.ModuleList(
             ShardedTargetLayer(layer_config, shard, group) for _ in range(config.num_layers)

@@ -40,8 +40,8 @@ HEADER_LEN = 4
 
 
 class Command(IntEnum):
-    FORWARD = 1  # header: cache index, batch, seq_len; then ids, slots and row starts
-    LOGITS = 2  # header: rows; then the hidden states [rows, hidden] on the data group
+    FORWARD = 1  # header: cache index, batch, seq_len. Payload: ids, slots, row starts
+    LOGITS = 2  # header: rows. Payload on the data group: hidden states [rows, hidden]
     NEW_CACHE = 3  # header: num_slots, max_seq_len
     SHUTDOWN = 4
 
@@ -335,5 +335,9 @@ def local_tensor_parallel(
         for process in followers:
             process.join(timeout=30)
             if process.is_alive():
-                logger.warning("tensor-parallel process %s did not stop; killing it", process.pid)
+                logger.warning("tensor-parallel process %s did not stop, killing it", process.pid)
                 process.kill()
+            elif process.exitcode != 0:
+                logger.warning(
+                    "tensor-parallel process %s exited with code %s", process.pid, process.exitcode
+                )

@@ -8,6 +8,8 @@ and a tied LM head.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -74,7 +76,7 @@ def test_plan_rejects_tp_above_kv_heads():
         plan_shards(smollm2_config(), 0)
 
 
-def test_tp2_logits_equal_whole_model(model_folder):
+def test_tp2_logits_equal_whole_model(model_folder, caplog):
     whole = load_target(model_folder)
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, VOCAB, (2, 11), generator=gen)
@@ -105,6 +107,8 @@ def test_tp2_logits_equal_whole_model(model_folder):
         assert_close(actual, expected, 1e-4, f"logits of step {step}")
     for step, (actual, expected) in enumerate(zip(actual_tapped, expected_tapped)):
         assert_close(actual, expected, 1e-4, f"tapped states of step {step}")
+    # The follower process stopped on the shutdown command, with exit code 0.
+    assert [r.message for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def random_dflash_drafter(target, num_slots: int) -> DFlashDrafter:
