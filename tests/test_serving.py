@@ -374,14 +374,14 @@ def verifier_processes() -> list[psutil.Process]:
 
 @pytest.mark.slow
 def test_tensor_parallel_engine_matches_core(model_folder, reference):
-    """An engine replica with tp=2 (itself rank 0, one verifier actor) gives the same greedy
-    tokens, and deleting the app stops the verifier actor."""
+    """An engine replica with tp=2 (itself rank 0, one verifier actor) and a drafter actor gives
+    the same greedy tokens, and deleting the app stops the verifier actor."""
     from ray import serve
     from ray.util.placement_group import placement_group_table
 
     from deployments import server
 
-    overrides = {"tp": 2, "verifier_num_cpus": 0.1}
+    overrides = {"tp": 2, "verifier_num_cpus": 0.1, "colocated": False, "drafter_num_cpus": 0.1}
     args = AppArgs(model=str(model_folder), **{**APP, **overrides})
     options = server.ServeOptions(grpc_port=free_port(), http_port=free_port(), num_cpus=2)
     server.start(args, options)
@@ -396,7 +396,7 @@ def test_tensor_parallel_engine_matches_core(model_folder, reference):
             assert list(response.token_ids) == reference[prompt].token_ids, prompt
         groups = [g for g in placement_group_table().values() if g["state"] == "CREATED"]
         bundles = [list(g["bundles"].values()) for g in groups]
-        assert [{"CPU": 0.1}, {"CPU": 0.1}] in bundles, bundles
+        assert [{"CPU": 0.1}, {"CPU": 0.1}, {"CPU": 0.1}] in bundles, bundles
         verifiers = verifier_processes()
         assert len(verifiers) == 1, verifiers
         serve.delete("dflash")
