@@ -9,6 +9,8 @@ and a tied LM head.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import time
 
 import pytest
 import torch
@@ -158,3 +160,22 @@ def test_tp2_speculative_output_equals_tp1(model_folder):
             assert result.acceptance_lengths == reference.acceptance_lengths, what
     steps = {n for result in expected["noisy target"] for n in result.acceptance_lengths}
     assert {1, 4} <= steps, f"expected partial and whole blocks accepted, got {sorted(steps)}"
+
+
+def test_dead_follower_fails_fast(tmp_path, caplog):
+    """A follower that dies makes the next call raise at once, and every later call too."""
+    save_random_hf_model(tmp_path, "llama")
+    whole = load_target(tmp_path)
+    with local_tensor_parallel(whole, tmp_path, world_size=2) as target:
+        cache = target.new_cache(num_slots=1, max_seq_len=16)
+        target(torch.tensor([[1, 2, 3]]), cache, torch.tensor([0]))
+        (follower,) = [p for p in multiprocessing.active_children() if p.name == "dflash-tp-rank-1"]
+        follower.kill()
+        follower.join()
+        began = time.monotonic()
+        with pytest.raises(RuntimeError, match="Connection closed by peer"):
+            target(torch.tensor([[4]]), cache, torch.tensor([0]))
+        assert time.monotonic() - began < 10
+        with pytest.raises(RuntimeError, match="tensor-parallel target failed earlier"):
+            target.logits(torch.zeros(1, whole.config.hidden_size))
+    assert "exited with code -9" in caplog.text
