@@ -312,11 +312,21 @@ class CompiledGraphDrafter(RemoteDrafter):
         """
         if self.closed:
             return
-        if self.graph is not None:
-            self.graph.teardown()
-            self.graph = None
-            logger.info("drafter compiled graph torn down")
+        self.teardown_graph()
         super().close()
+
+    def teardown_graph(self) -> None:
+        """Tear down the compiled graph and keep the actor; the next `draft` compiles a new one.
+
+        In Ray 2.60 the actor's graph loop busy-waits for input and uses most of a CPU core even
+        while the engine is idle, so an engine without work can call this to free that core.
+        """
+        if self.graph is None:
+            return
+        self.graph.teardown()
+        self.graph = None
+        self.graph_thread = None
+        logger.info("drafter compiled graph torn down")
 
     def _graph_for_this_thread(self) -> CompiledDAG:
         thread = threading.get_ident()

@@ -258,6 +258,19 @@ def test_compiled_draft_from_other_thread_rejected(remote_drafters, prompts):
             future.result(timeout=HANG_TIMEOUT_S)
 
 
+def test_teardown_graph_then_draft_recompiles(remote_drafters, prompts):
+    drafter = remote_drafters["compiled"]
+    request = draft_request(prompts[1])
+    before = drafter.draft(request)
+    graph = drafter.graph
+    drafter.teardown_graph()
+    assert graph.is_teardown
+    assert drafter.graph is None
+    after = drafter.draft(request)
+    assert drafter.graph is not None
+    assert torch.equal(after, before)
+
+
 def test_close_tears_down_graph_then_actor(target, draft, prompts):
     drafter = start(draft, target, "compiled")
     drafter.draft(draft_request(prompts[0]))
