@@ -47,6 +47,8 @@ DRAFTER_BUNDLE_INDEX = 1
 
 DrafterTransport = Literal["actor", "compiled"]
 TRANSPORTS: tuple[DrafterTransport, ...] = ("actor", "compiled")
+# Actor calls were faster per decode step on 2 shared CPU cores, because a compiled graph's
+# readers busy-wait (docs/serving-measurements.md, scripts/measure_drafter_actor.py).
 DEFAULT_TRANSPORT: DrafterTransport = "actor"
 
 # Upper bound of the compiled graph's input channel. A request larger than this (several long

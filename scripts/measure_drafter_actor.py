@@ -1,14 +1,14 @@
 """Measure the per-step cost of a drafter in a Ray actor, per transport, against the colocated one.
 
-For each block size, runs the same greedy request through three engines on one target: one
-with `DFlashDrafter` in this process, one calling a `DrafterActor` with plain actor calls and
-one calling another `DrafterActor` through a Ray Compiled Graph (no placement group). All
-three must produce the same tokens. The runs of every engine and block size are interleaved
-and repeated, so load from other jobs spreads over all of them, and medians are reported,
-with the CPU time per step of this process and of the drafter actors. Also times the round
-trip of an empty message over each transport, the floor of its overhead, and the CPU time an
-idle compiled graph's actor uses. Starts a local Ray cluster and stops it. Needs psutil (in
-the test extra).
+For each block size, runs the same greedy request through three engines on one target. The
+first has `DFlashDrafter` in this process, the second calls a `DrafterActor` with plain actor
+calls, and the third calls another `DrafterActor` through a Ray Compiled Graph (no placement
+group). All three must produce the same tokens. The runs of every engine and block size are
+interleaved and repeated, so load from other jobs spreads over all of them. The script reports
+medians, with the CPU time per step of this process and of the drafter actors. It also times
+the round trip of an empty message over each transport, the floor of its overhead, and the
+CPU time that an idle compiled graph's actor uses. Starts a local Ray cluster and stops it.
+Needs psutil (in the test extra).
 
 A compiled graph's actor busy-waits for input in Ray 2.60, so each compiled graph exists only
 during its own runs: it is compiled by a short untimed run before each timed one and torn
