@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field, model_validator
 from ray.serve import Application
 
+from deployments.drafter import DEFAULT_TRANSPORT, DrafterTransport
 from deployments.engine import DFlashEngine, EngineConfig
 from deployments.ingress import DFlashIngress
 from dflash_core.cli import DEFAULT_MAX_BATCH_SIZE, MAX_BLOCK_SIZE
@@ -104,6 +105,11 @@ class AppArgs(BaseModel):
     drafter_num_cpus: float = Field(
         default=1.0, gt=0, description="CPUs Ray reserves for each drafter actor (not colocated)."
     )
+    drafter_transport: DrafterTransport = Field(
+        default=DEFAULT_TRANSPORT,
+        description="Per-step calls to the drafter actor: 'actor' or 'compiled' (Ray Compiled "
+        "Graphs).",
+    )
     verifier_num_cpus: float | None = Field(
         default=None,
         gt=0,
@@ -160,6 +166,7 @@ def build_app(args: AppArgs | dict) -> Application:
         threads=threads,
         colocated=args.colocated,
         drafter_num_cpus=args.drafter_num_cpus,
+        drafter_transport=args.drafter_transport,
         tp=args.tp,
         verifier_num_cpus=args.verifier_num_cpus or args.engine_num_cpus,
         log_level=args.log_level,

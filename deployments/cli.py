@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 
+from deployments.drafter import DEFAULT_TRANSPORT, TRANSPORTS
 from deployments.server import DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT
 from dflash_core import cli as core_cli
 
@@ -57,6 +58,13 @@ def add_engine_arguments(engine: argparse._ArgumentGroup) -> None:
         type=float,
         default=None,
         help="CPUs Ray reserves per drafter actor with --no-colocated (default 1)",
+    )
+    engine.add_argument(
+        "--drafter-transport",
+        choices=TRANSPORTS,
+        default=None,
+        help=f"per-step calls to the drafter actor with --no-colocated: plain actor calls or a "
+        f"Ray Compiled Graph (default {DEFAULT_TRANSPORT}, faster on CPU)",
     )
     engine.add_argument(
         "--max-batch-size",
@@ -194,6 +202,7 @@ def run_serve(args: argparse.Namespace) -> int:
         "max_queued_requests": args.max_queued_requests,
         "engine_num_cpus": args.engine_num_cpus,
         "drafter_num_cpus": args.drafter_num_cpus,
+        "drafter_transport": args.drafter_transport,
         "verifier_num_cpus": args.verifier_num_cpus,
         "threads": args.threads,
         "log_level": args.log_level,

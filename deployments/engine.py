@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 from transformers import PreTrainedTokenizerBase
 
-from deployments.drafter import start_drafter_actor
+from deployments.drafter import DEFAULT_TRANSPORT, DrafterTransport, start_drafter_actor
 from deployments.engine_loop import EngineLoop
 from deployments.logs import configure_worker_logging
 from deployments.schemas import (
@@ -90,6 +90,11 @@ class EngineConfig(BaseModel):
     )
     drafter_num_cpus: float = Field(
         default=1.0, gt=0, description="CPUs of the drafter actor when not colocated."
+    )
+    drafter_transport: DrafterTransport = Field(
+        default=DEFAULT_TRANSPORT,
+        description="How the replica calls its drafter actor each step: 'actor' (plain actor "
+        "calls) or 'compiled' (a Ray Compiled Graph); see docs/serving-measurements.md.",
     )
     tp: int = Field(
         default=1,
@@ -183,6 +188,7 @@ def build_engine_on(
             block_size=config.block_size,
             num_cpus=config.drafter_num_cpus,
             threads=config.threads,
+            transport=config.drafter_transport,
         )
         engine = SpeculativeEngine(
             target.model,
@@ -261,6 +267,10 @@ class DFlashEngine:
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.stop()
+            # Only the loop thread drafts, so the drafter actor (and its compiled graph) can go now.
+            close_drafter = getattr(loop.scheduler.engine.drafter, "close", None)
+            if close_drafter is not None:
+                close_drafter()
         verifiers = getattr(self, "verifiers", None)
         if verifiers is not None:
             verifiers.close()

@@ -77,6 +77,12 @@ def check_tensor_parallel(model: str, tp: int) -> None:
     plan_shards(DecoderConfig.from_hf(read_config_json(resolve_model(model))), tp)
 
 
+LOCAL_SERVE_TIMEOUTS = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+}
+
+
 def start(args: AppArgs, options: ServeOptions) -> None:
     """Connect to or start Ray, start Serve's proxies and deploy the application."""
     import ray
@@ -92,6 +98,11 @@ def start(args: AppArgs, options: ServeOptions) -> None:
         "env_vars": {GRPC_HOST_ENV_VAR: options.host},
     }
     if options.address is None:
+        # A busy machine can take more than Serve's 5 s to start a proxy, and Serve then kills
+        # the proxy and the deployment fails. The local cluster's processes inherit this
+        # process's environment, so give them longer limits (a value set by the user wins).
+        for name, seconds in LOCAL_SERVE_TIMEOUTS.items():
+            os.environ.setdefault(name, seconds)
         num_cpus = options.num_cpus or local_cluster_cpus(args)
         logger.info("starting a local Ray cluster with %g CPUs", num_cpus)
         ray.init(

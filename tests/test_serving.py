@@ -335,15 +335,28 @@ def test_serve_cli_stops_cleanly_on_sigterm(model_folder, reference, tmp_path):
         log.close()
 
 
+def actor_processes(class_name: str) -> list[psutil.Process]:
+    """Ray worker processes of one actor class, found by the title Ray gives them."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(f"ray::{class_name}" in part for part in process.info["cmdline"] or ()):
+            found.append(process)
+    return found
+
+
 @pytest.mark.slow
-def test_drafter_actor_in_placement_group(model_folder, reference):
-    """A replica with its drafter in an actor (not colocated) gives the same greedy tokens."""
+@pytest.mark.parametrize("transport", ["actor", "compiled"])
+def test_drafter_actor_in_placement_group(model_folder, reference, transport):
+    """A replica with its drafter in an actor (not colocated), called by plain actor calls or
+    through a compiled graph, gives the same greedy tokens; deleting the app stops the actor."""
     import ray
+    from ray import serve
     from ray.util.placement_group import placement_group_table
 
     from deployments import server
 
-    args = AppArgs(model=str(model_folder), **{**APP, "colocated": False, "drafter_num_cpus": 0.1})
+    overrides = {"colocated": False, "drafter_num_cpus": 0.1, "drafter_transport": transport}
+    args = AppArgs(model=str(model_folder), **{**APP, **overrides})
     options = server.ServeOptions(grpc_port=free_port(), http_port=free_port(), num_cpus=2)
     server.start(args, options)
     try:
@@ -359,17 +372,13 @@ def test_drafter_actor_in_placement_group(model_folder, reference):
         bundles = [list(g["bundles"].values()) for g in groups]
         assert [{"CPU": 0.1}, {"CPU": 0.1}] in bundles, bundles
         assert ray.is_initialized()
+        drafters = actor_processes("DrafterActor")
+        assert len(drafters) == 1, drafters
+        serve.delete("dflash")
+        _, alive = psutil.wait_procs(drafters, timeout=30)
+        assert alive == []
     finally:
         server.shutdown()
-
-
-def verifier_processes() -> list[psutil.Process]:
-    """Ray worker processes of verifier actors, found by the title Ray gives them."""
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if any("ray::VerifierActor" in part for part in process.info["cmdline"] or ()):
-            found.append(process)
-    return found
 
 
 @pytest.mark.slow
@@ -397,7 +406,7 @@ def test_tensor_parallel_engine_matches_core(model_folder, reference):
         groups = [g for g in placement_group_table().values() if g["state"] == "CREATED"]
         bundles = [list(g["bundles"].values()) for g in groups]
         assert [{"CPU": 0.1}, {"CPU": 0.1}, {"CPU": 0.1}] in bundles, bundles
-        verifiers = verifier_processes()
+        verifiers = actor_processes("VerifierActor")
         assert len(verifiers) == 1, verifiers
         serve.delete("dflash")
         _, alive = psutil.wait_procs(verifiers, timeout=30)
