@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up the environment if needed, then generate with the default model and draft.
-# Extra arguments go to `dflash generate`.
+# Set up the environment if needed, then serve the default model and its shipped draft over
+# gRPC on 127.0.0.1:9000 (a local Ray cluster) until interrupted. Extra arguments go to
+# `dflash serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-venv.sh
-exec "${DFLASH_VENV:-.venv}/bin/dflash" generate "$@"
+exec "${DFLASH_VENV:-.venv}/bin/dflash" serve "$@"

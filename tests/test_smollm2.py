@@ -1,10 +1,14 @@
 """End-to-end checks on the real SmolLM2-135M-Instruct target."""
 
 import json
+import select
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dflash_core.pipeline import (
@@ -12,6 +16,7 @@ from dflash_core.pipeline import (
     build_engine,
     encode_prompt,
     load_target_and_tokenizer,
+    shipped_draft,
 )
 from dflash_core.sampling import SamplingParams
 
@@ -52,6 +57,21 @@ def test_random_draft_equals_plain_decoding(smollm2, block_size):
         spec = build_engine(smollm2, draft, max_seq_len=200).generate(ids, params)
         assert spec.token_ids == plain.token_ids, prompt
         assert spec.finish_reason == plain.finish_reason
+
+
+def test_shipped_draft_loads_by_default(smollm2):
+    folder = shipped_draft(smollm2)
+    assert folder is not None, "no draft ships for SmolLM2"
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 30 * 2**20
+    draft = build_draft("auto", smollm2)
+    assert draft.config.block_size == 8
+    assert draft.config.draft_vocab_ids, "the shipped draft keeps its training vocabulary"
+    ids = encode_prompt(smollm2.tokenizer, "Tom has 3 apples and buys 5 more. How many now?")
+    params = SamplingParams(max_new_tokens=48)
+    plain = build_engine(smollm2, None, max_seq_len=200).generate(ids, params)
+    spec = build_engine(smollm2, draft, max_seq_len=200).generate(ids, params)
+    assert spec.token_ids == plain.token_ids
+    assert spec.mean_acceptance_length > 1.5, spec.acceptance_lengths
 
 
 def run_dflash(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -187,3 +207,44 @@ def test_datasets_command_lists_splits():
     assert done.returncode == 0, done.stderr
     assert "gsm8k       1187   132" in done.stdout
     assert "mt_bench" in done.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_main_job_serves_what_generate_prints(tmp_path):
+    """The README's main job: `dflash serve` with the default model and draft, one client call,
+    the same completion as `dflash generate --json`; SIGTERM leaves no Ray process behind."""
+    prompt = "What is the capital of France?"
+    grpc_port = free_port()
+    serve = [sys.executable, "-m", "deployments.cli", "serve", "--grpc-port", str(grpc_port)]
+    serve += ["--http-port", str(free_port())]
+    log = open(tmp_path / "serve.log", "w")
+    process = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], 300)
+        assert ready, "dflash serve printed no endpoint within 300 s"
+        assert f"127.0.0.1:{grpc_port}" in process.stdout.readline()
+        client = [sys.executable, "-m", "deployments.cli", "client", "generate"]
+        client += ["--target", f"127.0.0.1:{grpc_port}", "--prompt", prompt, "--json"]
+        done = subprocess.run(client, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        served = json.loads(done.stdout)
+        ray_processes = psutil.Process(process.pid).children(recursive=True)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
+        _, alive = psutil.wait_procs(ray_processes, timeout=30)
+        assert [p.name() for p in alive] == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    local = run_cli("--prompt", prompt)
+    assert [int(t) for t in served["token_ids"]] == local["token_ids"]
+    assert served["text"] == local["text"]
+    # The shipped draft is in use on both paths: blocks of more than one token get accepted.
+    assert served["acceptance"]["mean_acceptance_length"] > 1.0
+    assert local["mean_acceptance_length"] > 1.0
