@@ -2,8 +2,8 @@
 
 Target hidden states are computed once per sequence before the first epoch, kept in memory and
 cached on disk (bf16) next to the data, one entry per record. The target is frozen, so they
-never change, and recomputing them would cost a full target forward per sequence for every
-epoch, resume or new training run; a run on grown data taps only the new records.
+never change. Recomputing them would cost a full target forward per sequence for every epoch,
+resume or new training run, and a run on grown data taps only the new records.
 Anchors are re-drawn every epoch.
 
 The loss normally scores the draft over the tokens that occur in the training data
@@ -90,12 +90,12 @@ class StepStats:
 
 
 def features_file(folder: str | Path, layer_ids: tuple[int, ...]) -> Path:
-    """Where the tapped target states of a data folder are cached for these layers."""
+    """Return the file that caches a data folder's tapped target states for these layers."""
     return Path(folder) / f"target_states_{'-'.join(str(i) for i in layer_ids)}.pt"
 
 
 def sequence_key(seq: TrainingSequence) -> tuple[int, int]:
-    """Length and checksum of a sequence's tokens: a cached entry is reused only if both match."""
+    """Return the length and checksum of a sequence's tokens; a cache entry must match both."""
     return len(seq.token_ids), hash(tuple(seq.token_ids))
 
 
