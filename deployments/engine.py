@@ -267,7 +267,7 @@ class DFlashEngine:
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.stop()
-            # Only the loop thread drafts, so the drafter actor (and its compiled graph) can go now.
+            # Only the loop thread drafts, so the drafter actor and its compiled graph can stop now.
             close_drafter = getattr(loop.scheduler.engine.drafter, "close", None)
             if close_drafter is not None:
                 close_drafter()

@@ -61,7 +61,7 @@ class DraftConfig:
         outside = [i for i in self.draft_vocab_ids if not 0 <= i < self.decoder.vocab_size]
         if outside:
             raise ConfigError(
-                f"dflash_config.draft_vocab_ids holds {outside[:5]}, outside the vocabulary "
+                f"dflash_config.draft_vocab_ids contains {outside[:5]}, outside the vocabulary "
                 f"(size {self.decoder.vocab_size})"
             )
 

@@ -190,7 +190,7 @@ def test_draft_vocabulary_round_trip_and_bounds(tmp_path, target):
     assert load_draft(tmp_path).config.draft_vocab_ids == (2, 3, 50)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["dflash_config"]["draft_vocab_ids"] == [2, 3, 50]
-    with pytest.raises(ConfigError, match=rf"draft_vocab_ids holds \[{VOCAB}\].*size {VOCAB}"):
+    with pytest.raises(ConfigError, match=rf"draft_vocab_ids contains \[{VOCAB}\].*size {VOCAB}"):
         make_draft(target, draft_vocab_ids=(1, VOCAB))
 
 
