@@ -9,9 +9,9 @@ from __future__ import annotations
 from pydantic import BaseModel, Field, model_validator
 from ray.serve import Application
 
-from deployments.drafter import DEFAULT_TRANSPORT, DrafterTransport
 from deployments.engine import DFlashEngine, EngineConfig
 from deployments.ingress import DFlashIngress
+from deployments.schemas import DEFAULT_TRANSPORT, DrafterTransport
 from dflash_core.cli import DEFAULT_MAX_BATCH_SIZE, MAX_BLOCK_SIZE
 from dflash_core.fetch import DEFAULT_MODEL
 from dflash_core.pipeline import AUTO_DRAFT, DTYPES, RANDOM_DRAFT

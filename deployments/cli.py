@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 
-from deployments.drafter import DEFAULT_TRANSPORT, TRANSPORTS
+from deployments.schemas import DEFAULT_TRANSPORT, TRANSPORTS
 from deployments.server import DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT
 from dflash_core import cli as core_cli
 

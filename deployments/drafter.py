@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 from dataclasses import replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import ray
 import torch
@@ -33,6 +33,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import nn
 
 from deployments.logs import configure_worker_logging
+from deployments.schemas import DEFAULT_TRANSPORT, TRANSPORTS, DrafterTransport
 from dflash_core.draft import DraftModel, check_draft_fits_target
 from dflash_core.drafting import DFlashDrafter, DraftHead, DraftRequest
 from dflash_core.target import TargetModel
@@ -45,11 +46,6 @@ logger = logging.getLogger(__name__)
 # The placement group bundle of the drafter actor. The engine replica takes bundle 0.
 DRAFTER_BUNDLE_INDEX = 1
 
-DrafterTransport = Literal["actor", "compiled"]
-TRANSPORTS: tuple[DrafterTransport, ...] = ("actor", "compiled")
-# Actor calls were faster per decode step on 2 shared CPU cores, because a compiled graph's
-# readers busy-wait (docs/serving-measurements.md, scripts/measure_drafter_actor.py).
-DEFAULT_TRANSPORT: DrafterTransport = "actor"
 
 # Upper bound of the compiled graph's input channel. A request larger than this (several long
 # prompts in one step, or one prompt of a wide target) is sent in several executions.

@@ -20,10 +20,12 @@ from pydantic import BaseModel, Field
 from ray import serve
 from transformers import PreTrainedTokenizerBase
 
-from deployments.drafter import DEFAULT_TRANSPORT, DrafterTransport, start_drafter_actor
+from deployments.drafter import start_drafter_actor
 from deployments.engine_loop import EngineLoop
 from deployments.logs import configure_worker_logging
 from deployments.schemas import (
+    DEFAULT_TRANSPORT,
+    DrafterTransport,
     EngineStepError,
     EngineStoppedError,
     GenerationRequest,

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from dflash_core.sequence import GenerationResult
+
+# How an engine replica calls its drafter actor each step (here so the CLI needs no Ray).
+DrafterTransport = Literal["actor", "compiled"]
+TRANSPORTS: tuple[DrafterTransport, ...] = ("actor", "compiled")
+# Actor calls were faster per decode step on 2 shared CPU cores, because a compiled graph's
+# readers busy-wait (docs/serving-measurements.md, scripts/measure_drafter_actor.py).
+DEFAULT_TRANSPORT: DrafterTransport = "actor"
 
 
 class ChatMessage(BaseModel):
