@@ -34,6 +34,14 @@ class ServeOptions:
     address: str | None = None  # Ray cluster address; None starts a local cluster
     num_cpus: float | None = None  # CPUs of a local cluster; None fits the application
 
+    def __post_init__(self) -> None:
+        # Serve starts both proxies on one port without an error, and gRPC calls then fail.
+        if self.grpc_port == self.http_port:
+            raise ValueError(
+                f"the gRPC and HTTP ports are both {self.grpc_port}; pass different "
+                "--grpc-port and --http-port values"
+            )
+
 
 def bind_grpc_proxy_to_host() -> None:
     """Make Serve's gRPC proxy listen on $DFLASH_GRPC_HOST instead of every interface.

@@ -87,7 +87,7 @@ class DraftConfig:
             mask_token_id=int(mask_token_id),
             num_target_layers=int(cfg["num_target_layers"]),
             target_layer_ids=tuple(int(i) for i in dflash.get("target_layer_ids") or ()),
-            draft_vocab_ids=tuple(int(i) for i in dflash.get("draft_vocab_ids") or ()),
+            draft_vocab_ids=read_id_list(dflash, "draft_vocab_ids"),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -105,6 +105,19 @@ class DraftConfig:
             "block_size": self.block_size,
             "dflash_config": dflash,
         }
+
+
+def read_id_list(dflash: dict[str, Any], key: str) -> tuple[int, ...]:
+    """Return `dflash_config[key]` as token ids; raise ConfigError unless it is a list of ints."""
+    value = dflash.get(key) or []
+    if not isinstance(value, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in value
+    ):
+        raise ConfigError(
+            f"dflash_config.{key} must be a list of integer token ids, got {str(value)[:60]!r}; "
+            "fix the draft's config.json or remove the key"
+        )
+    return tuple(value)
 
 
 def draft_config_for_target(

@@ -201,3 +201,10 @@ def test_draft_head_scores_only_its_vocabulary(target):
     assert_close(limited[..., [1, 4, 9]], full[..., [1, 4, 9]], 1e-5, "draft head rows")
     others = [t for t in range(VOCAB) if t not in (1, 4, 9)]
     assert torch.isneginf(limited[..., others]).all()
+
+
+@pytest.mark.parametrize("bad", ["123", [1.5, 2], [1, "2"]])
+def test_draft_vocabulary_must_be_int_list(bad):
+    config = published_style_config(dflash_config={"mask_token_id": 7, "draft_vocab_ids": bad})
+    with pytest.raises(ConfigError, match="draft_vocab_ids must be a list of integer token ids"):
+        DraftConfig.from_hf(config)

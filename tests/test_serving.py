@@ -612,3 +612,10 @@ def test_status_for_maps_errors():
         assert code == expected, f"{error!r}: {code}"
         assert message, f"{error!r}: empty message"
     assert status_for(wrapped)[1] == "bad"
+
+
+def test_same_grpc_and_http_port_is_rejected():
+    from deployments import server
+
+    with pytest.raises(ValueError, match="ports are both 9000; pass different --grpc-port"):
+        server.ServeOptions(grpc_port=9000, http_port=9000)
