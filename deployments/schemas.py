@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from dflash_core.sequence import GenerationResult
 
-# How an engine replica calls its drafter actor each step (here so the CLI needs no Ray).
+# Transports between an engine replica and its drafter actor, defined here so the CLI needs no Ray.
 DrafterTransport = Literal["actor", "compiled"]
 TRANSPORTS: tuple[DrafterTransport, ...] = ("actor", "compiled")
 # Actor calls were faster per decode step on 2 shared CPU cores, because a compiled graph's

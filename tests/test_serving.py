@@ -347,8 +347,10 @@ def actor_processes(class_name: str) -> list[psutil.Process]:
 @pytest.mark.slow
 @pytest.mark.parametrize("transport", ["actor", "compiled"])
 def test_drafter_actor_in_placement_group(model_folder, reference, transport):
-    """A replica with its drafter in an actor (not colocated), called by plain actor calls or
-    through a compiled graph, gives the same greedy tokens; deleting the app stops the actor."""
+    """A replica with a drafter actor gives the same greedy tokens with either transport.
+
+    Deleting the app stops the drafter actor.
+    """
     import ray
     from ray import serve
     from ray.util.placement_group import placement_group_table

@@ -224,6 +224,7 @@ def test_main_job_serves_what_generate_prints(tmp_path):
     serve += ["--http-port", str(free_port())]
     log = open(tmp_path / "serve.log", "w")
     process = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=log, text=True)
+
     try:
         ready, _, _ = select.select([process.stdout], [], [], 300)
         assert ready, "dflash serve printed no endpoint within 300 s"
@@ -233,6 +234,7 @@ def test_main_job_serves_what_generate_prints(tmp_path):
         done = subprocess.run(client, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
         served = json.loads(done.stdout)
+
         ray_processes = psutil.Process(process.pid).children(recursive=True)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=120) == 0
@@ -242,6 +244,7 @@ def test_main_job_serves_what_generate_prints(tmp_path):
         if process.poll() is None:
             process.kill()
         log.close()
+
     local = run_cli("--prompt", prompt)
     assert [int(t) for t in served["token_ids"]] == local["token_ids"]
     assert served["text"] == local["text"]

@@ -1,8 +1,8 @@
 """Tensor parallelism of the target against the whole model, over two gloo ranks on this machine.
 
 This process is rank 0; `local_tensor_parallel` starts rank 1 as a spawned process. The uneven
-model splits 3 key/value heads, 129 MLP channels and 97 vocabulary rows over 2 ranks and has
-attention biases (so o_proj's bias must be added once); the even one is a Qwen3 with q/k norms
+model splits 3 key/value heads, 129 MLP channels and 97 vocabulary rows over 2 ranks. It has
+attention biases, so o_proj's bias must be added once. The even one is a Qwen3 with q/k norms
 and a tied LM head.
 """
 
@@ -97,7 +97,7 @@ def test_tp2_logits_equal_whole_model(model_folder, caplog):
             out = model(steps[:, i : i + 1], cache, slots, tap)
             logits.append(model.logits(out.hidden))
             tapped.append(out.tapped)
-        logits.append(model.logits(out.hidden[0, -1:]))  # one row, as a prefill asks for
+        logits.append(model.logits(out.hidden[0, -1:]))  # one row, as a prefill requests
         return logits, tapped
 
     expected_logits, expected_tapped = run(whole)
@@ -138,7 +138,7 @@ def test_tp2_speculative_output_equals_tp1(model_folder):
     """Greedy and seeded sampled requests, batched over 3 slots, with two kinds of drafter.
 
     The noisy target drafter gets whole blocks, partial blocks and no drafts accepted, so rank
-    0 truncates its cache by varying amounts; the random DFlash draft reads tapped states.
+    0 truncates its cache by varying amounts. The random DFlash draft reads tapped states.
     """
     whole = load_target(model_folder)
     num_slots = 3

@@ -224,7 +224,7 @@ def test_grown_data_taps_only_new_records(target, tmp_path, monkeypatch):
         assert torch.equal(got, want)
 
 
-def test_data_vocab_scores_the_same_rows_as_the_full_head(target, tmp_path):
+def test_data_vocab_matches_full_head_rows(target, tmp_path):
     data = tmp_path / "data.jsonl"
     write_data(target, data, count=4)
     sequences = read_sequences(data, max_len=64)
