@@ -5,11 +5,14 @@ Ray is imported inside the functions, so the CLI can read the defaults here with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import psutil
 
 if TYPE_CHECKING:
     from deployments.app import AppArgs
@@ -88,7 +91,14 @@ def check_tensor_parallel(model: str, tp: int) -> None:
 LOCAL_SERVE_TIMEOUTS = {
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
     "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+    # ray.init waits 30 s for the GCS server to write its port; a loaded machine can take longer.
+    "RAY_gcs_server_port_wait_time_s": "120",
 }
+# Seconds shutdown() waits for the processes of a local cluster to exit before killing them.
+LOCAL_EXIT_TIMEOUT_S = 30.0
+# Processes that were children of this process before start() made a local cluster; None while
+# no local cluster runs here.
+_children_before_cluster: set[int] | None = None
 
 
 def start(args: AppArgs, options: ServeOptions) -> None:
@@ -113,6 +123,10 @@ def start(args: AppArgs, options: ServeOptions) -> None:
             os.environ.setdefault(name, seconds)
         num_cpus = options.num_cpus or local_cluster_cpus(args)
         logger.info("starting a local Ray cluster with %g CPUs", num_cpus)
+        global _children_before_cluster
+        _children_before_cluster = {
+            child.pid for child in psutil.Process().children(recursive=True)
+        }
         ray.init(
             num_cpus=num_cpus,
             num_gpus=0,
@@ -138,6 +152,29 @@ def shutdown() -> None:
     import ray
     from ray import serve
 
-    if ray.is_initialized():
-        serve.shutdown()
+    global _children_before_cluster
+    if not ray.is_initialized():
+        return
+    serve.shutdown()
+    if _children_before_cluster is None:
         ray.shutdown()
+        return
+    # ray.shutdown() stops the head's processes but does not wait for the workers; wait here so
+    # that a cluster started next on this machine does not compete with a dying one.
+    cluster = [
+        child
+        for child in psutil.Process().children(recursive=True)
+        if child.pid not in _children_before_cluster
+    ]
+    _children_before_cluster = None
+    ray.shutdown()
+    _, alive = psutil.wait_procs(cluster, timeout=LOCAL_EXIT_TIMEOUT_S)
+    for process in alive:
+        logger.warning(
+            "Ray process %d still running %g s after shutdown; killing it",
+            process.pid,
+            LOCAL_EXIT_TIMEOUT_S,
+        )
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    logger.info("local Ray cluster stopped (%d processes)", len(cluster))

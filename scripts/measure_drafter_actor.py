@@ -8,7 +8,7 @@ interleaved and repeated, so load from other jobs spreads over all of them. The 
 medians, with the CPU time per step of this process and of the drafter actors. It also times
 the round trip of an empty message over each transport, the floor of its overhead, and the
 CPU time that an idle compiled graph's actor uses. Starts a local Ray cluster and stops it.
-Needs psutil (in the test extra).
+Needs psutil (a dependency of the project).
 
 A compiled graph's actor busy-waits for input in Ray 2.60, so each compiled graph exists only
 during its own runs: it is compiled by a short untimed run before each timed one and torn
