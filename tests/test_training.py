@@ -3,11 +3,12 @@ import json
 import pytest
 import torch
 
-from dflash_core.checkpoint import load_draft
+from dflash_core.checkpoint import load_draft, save_draft
 from dflash_core.drafting import DFlashDrafter, DraftRequest
 from dflash_core.engine import SpeculativeEngine
 from dflash_core.sampling import SamplingParams
 from dflash_core.training.blocks import (
+    accepted_draft_tokens,
     block_attention_mask,
     default_gamma,
     draft_blocks_forward,
@@ -113,7 +114,19 @@ def test_datagen_resumes_after_interruption(target, tmp_path):
     assert all(len(r["response_ids"]) == 40 for r in records)
 
 
-def test_tiny_training_lowers_loss_and_saves_checkpoint(target, tmp_path):
+def test_accepted_draft_tokens_stop_at_first_miss():
+    correct = torch.tensor(
+        [
+            [False, True, True, False, True],
+            [False, False, True, True, True],
+            [True, True, True, True, True],  # slot 0 is the anchor and never counts
+        ]
+    )
+    assert accepted_draft_tokens(correct).tolist() == [2, 0, 4]
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_tiny_training_lowers_loss_and_saves_checkpoint(target, tmp_path, precision):
     data = tmp_path / "data.jsonl"
     write_data(target, data)
     sequences = read_sequences(data, max_len=64)
@@ -127,6 +140,7 @@ def test_tiny_training_lowers_loss_and_saves_checkpoint(target, tmp_path):
         sequences_per_step=4,
         checkpoint_every=5,
         mask_token_id=VOCAB - 1,
+        precision=precision,
     )
     trainer = DraftTrainer(target, sequences, config, tmp_path / "draft")
     trainer.features = tap_target(target, sequences, trainer.model.config.target_layer_ids)
@@ -136,6 +150,8 @@ def test_tiny_training_lowers_loss_and_saves_checkpoint(target, tmp_path):
     after = sum(float(trainer.sequence_loss(i, gen)[0].detach()) for i in range(len(sequences)))
     assert after < 0.8 * before, (before, after)
     assert summary["steps"] == 18
+    assert 1.0 <= summary["train_acceptance_length"] <= config.block_size
+    assert summary["train_acceptance_steps"] == 18
     loaded = load_draft(tmp_path / "draft")
     assert loaded.config == trainer.model.config
     assert (tmp_path / "draft" / "training_summary.json").is_file()
@@ -256,3 +272,29 @@ def test_data_vocab_matches_full_head_rows(target, tmp_path):
 def test_unknown_train_vocab_is_rejected():
     with pytest.raises(ValueError, match="'words' is not one of data, full"):
         TrainConfig(train_vocab="words")
+
+
+def test_unknown_precision_is_rejected():
+    with pytest.raises(ValueError, match="'half' is not one of float32, bfloat16"):
+        TrainConfig(precision="half")
+
+
+def test_init_from_starts_from_a_draft(target, tmp_path):
+    data = tmp_path / "data.jsonl"
+    write_data(target, data, count=4)
+    sequences = read_sequences(data, max_len=64)
+    base = dict(num_layers=1, block_size=4, num_tapped_layers=1, mask_token_id=1)
+    start = DraftTrainer(target, sequences, TrainConfig(**base, seed=5), tmp_path / "a")
+    save_draft(start.model, tmp_path / "start")
+    fresh = DraftTrainer(target, sequences, TrainConfig(**base), tmp_path / "b")
+    warm = DraftTrainer(
+        target, sequences, TrainConfig(**base, init_from=str(tmp_path / "start")), tmp_path / "c"
+    )
+    fresh_differs = False
+    for name, tensor in start.model.state_dict().items():
+        assert torch.equal(warm.model.state_dict()[name], tensor), name
+        fresh_differs |= not torch.equal(fresh.model.state_dict()[name], tensor)
+    assert fresh_differs  # the seeds differ, so equal weights come from init_from
+    wider = TrainConfig(**{**base, "num_layers": 2}, init_from=str(tmp_path / "start"))
+    with pytest.raises(ValueError, match="does not fit this run.*--layers"):
+        DraftTrainer(target, sequences, wider, tmp_path / "d")

@@ -103,3 +103,12 @@ def draft_blocks_forward(
         x = x + layer.self_attn.attend(q, keys, values, attn_mask)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.norm(x)[0]
+
+
+def accepted_draft_tokens(correct: torch.Tensor) -> torch.Tensor:
+    """Return, per block, the proposals a greedy verify step would accept.
+
+    `correct` is [A, B] with slot 0 (the known anchor token) ignored; a block's count is the
+    number of slots from 1 on that are correct before the first wrong one.
+    """
+    return correct[:, 1:].long().cumprod(1).sum(1)
