@@ -182,6 +182,24 @@ def add_client_parser(commands: argparse._SubParsersAction) -> None:
     generate.set_defaults(run=run_client_generate)
 
 
+def parse_app_args(app_args_type: type, fields: dict) -> object:
+    """Build AppArgs, turning pydantic's report into one line per option the user passed."""
+    import pydantic
+
+    try:
+        return app_args_type(**fields)
+    except pydantic.ValidationError as error:
+        problems = []
+        for item in error.errors():
+            if not item["loc"]:  # a check across several options
+                problems.append(item["msg"])
+                continue
+            name = ".".join(str(part) for part in item["loc"])
+            value = fields.get(name, item.get("input"))
+            problems.append(f"--{name.replace('_', '-')} {value}: {item['msg']}")
+        raise ValueError("invalid serve options: " + "; ".join(problems)) from None
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from deployments import server
     from deployments.app import AppArgs
@@ -208,7 +226,7 @@ def run_serve(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
     }
     # Options left unset take the AppArgs defaults, so each default is defined once.
-    app_args = AppArgs(**{name: value for name, value in fields.items() if value is not None})
+    app_args = parse_app_args(AppArgs, {name: v for name, v in fields.items() if v is not None})
     options = server.ServeOptions(
         grpc_port=args.grpc_port,
         http_port=args.http_port,
@@ -238,6 +256,10 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# Largest value of each unsigned integer field of GenerateRequest (uint32 or uint64).
+UNSIGNED_FIELD_MAX = {"max_tokens": (1 << 32) - 1, "top_k": (1 << 32) - 1, "seed": (1 << 64) - 1}
+
+
 def run_client_generate(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
@@ -246,15 +268,19 @@ def run_client_generate(args: argparse.Namespace) -> int:
     from deployments.protos import dflash_pb2
 
     request = dflash_pb2.GenerateRequest(
-        prompt=args.prompt,
-        raw_prompt=args.raw_prompt,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        stop=args.stop,
+        prompt=args.prompt, raw_prompt=args.raw_prompt, stop=args.stop
     )
-    for name in ("max_tokens", "top_p", "seed", "request_id"):
-        if getattr(args, name) is not None:
-            setattr(request, name, getattr(args, name))
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "request_id"):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name in UNSIGNED_FIELD_MAX and not 0 <= value <= UNSIGNED_FIELD_MAX[name]:
+            # protobuf would reject it with "Value out of range", naming neither option nor range.
+            raise ValueError(
+                f"--{name.replace('_', '-')} {value} is out of range; pass a value from 0 to "
+                f"{UNSIGNED_FIELD_MAX[name]}"
+            )
+        setattr(request, name, value)
 
     def as_json(message: object) -> str:
         fields = MessageToDict(message, preserving_proto_field_name=True)

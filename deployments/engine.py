@@ -217,7 +217,11 @@ class DFlashEngine:
         )
         target, engine, self.verifiers = load_engine(config)
         self.tokenizer = target.tokenizer
-        self.loop = EngineLoop(Scheduler(engine))
+        # A compiled graph's actor busy-waits while idle; tear its graph down when there is no
+        # work (the next request compiles it again). Other drafters have nothing to free.
+        self.loop = EngineLoop(
+            Scheduler(engine), on_idle=getattr(engine.drafter, "teardown_graph", None)
+        )
         logger.info(
             "engine ready: block_size %d, %d slots of max_seq_len %d",
             engine.block_size,

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 # How often an idle loop thread wakes up to check whether it should stop, in seconds.
 IDLE_POLL_SECONDS = 0.5
+# Seconds without work after which the loop calls its on_idle hook.
+DEFAULT_IDLE_SECONDS = 30.0
 CANCELLED = "cancelled"
 
 
@@ -45,8 +48,17 @@ class _Stream:
 class EngineLoop:
     """Runs `Scheduler.step` in a thread and streams each request's committed output."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        on_idle: Callable[[], None] | None = None,
+        idle_seconds: float = DEFAULT_IDLE_SECONDS,
+    ) -> None:
+        """`on_idle` runs in the loop thread once the loop has had no work for `idle_seconds`,
+        and again after each later stretch of work."""
         self.scheduler = scheduler
+        self._on_idle = on_idle
+        self._idle_seconds = idle_seconds
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
@@ -118,11 +130,18 @@ class EngineLoop:
     # ---- the loop thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        last_work = time.monotonic()
+        idle_hook_due = self._on_idle is not None
         try:
             while not self._stopping.is_set():
                 self._run_commands(wait=not self.scheduler.has_work)
                 if self.scheduler.has_work and not self._stopping.is_set():
                     self._step()
+                    last_work = time.monotonic()
+                    idle_hook_due = self._on_idle is not None
+                elif idle_hook_due and time.monotonic() - last_work >= self._idle_seconds:
+                    idle_hook_due = False
+                    self._call_idle_hook()
         except BaseException:
             # Logged here and not re-raised: the thread ends, check_health then fails, and
             # Serve replaces the replica.
@@ -132,6 +151,13 @@ class EngineLoop:
             self._fail_streams(
                 lambda _: True, EngineStoppedError("the engine's decode loop stopped")
             )
+
+    def _call_idle_hook(self) -> None:
+        try:
+            self._on_idle()
+        except Exception:
+            # The hook only frees resources; the engine goes on without that.
+            logger.exception("the engine loop's idle hook failed")
 
     def _run_commands(self, wait: bool) -> None:
         """Run queued commands; when `wait`, block up to IDLE_POLL_SECONDS for the first."""

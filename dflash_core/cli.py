@@ -42,8 +42,8 @@ def result_json(result: GenerationResult) -> dict:
         "text": result.text,
         "token_ids": result.token_ids,
         "finish_reason": result.finish_reason,
-        "num_prompt_tokens": result.num_prompt_tokens,
-        "num_completion_tokens": len(result.token_ids),
+        "prompt_tokens": result.num_prompt_tokens,  # key names as in the gRPC response
+        "completion_tokens": len(result.token_ids),
         "num_steps": result.num_steps,
         "acceptance_lengths": result.acceptance_lengths,
         "mean_acceptance_length": round(result.mean_acceptance_length, 4),

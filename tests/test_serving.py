@@ -437,6 +437,26 @@ def test_serve_cli_rejects_tp_above_kv_heads(model_folder, caplog):
     assert not ray.is_initialized()
 
 
+def test_serve_cli_names_bad_options(caplog):
+    assert cli.main(["serve", "--tp", "0", "--max-batch-size", "-1"]) == 2
+    assert "invalid serve options: --tp 0: Input should be greater than or equal to 1" in (
+        caplog.text
+    )
+    assert "--max-batch-size -1: Input should be greater than or equal to 1" in caplog.text
+    assert "errors.pydantic.dev" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "option, value, limit",
+    [("--max-tokens", "-5", 2**32 - 1), ("--top-k", "-1", 2**32 - 1), ("--seed", "-1", 2**64 - 1)],
+)
+def test_client_cli_names_out_of_range_option(caplog, option, value, limit):
+    """Checked before any call, so no server is needed."""
+    command = ["client", "generate", "--target", "127.0.0.1:1", "--prompt", "hi", option, value]
+    assert cli.main(command) == 2
+    assert f"{option} {value} is out of range; pass a value from 0 to {limit}" in caplog.text
+
+
 def test_app_args_reject_tp_zero():
     with pytest.raises(ValueError, match="tp"):
         AppArgs(tp=0)
@@ -529,6 +549,33 @@ def test_engine_loop_failed_step_fails_requests(loaded_target, reference):
         # The loop keeps serving after a failed step.
         chunks = run_stream(loop, "b", lambda: core_request(loaded_target, PROMPTS[0], "b"))
         assert chunks[-1].result.token_ids == reference[PROMPTS[0]].token_ids
+    finally:
+        loop.stop()
+
+
+def test_engine_loop_calls_idle_hook_once_per_idle_stretch(loaded_target, reference):
+    engine = build_engine(loaded_target, None, max_seq_len=MAX_SEQ_LEN)
+    idle_calls = []  # whether the scheduler had work at each call
+
+    def wait_for_calls(count: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(idle_calls) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(idle_calls) == count
+
+    scheduler = Scheduler(engine)
+    loop = EngineLoop(
+        scheduler, on_idle=lambda: idle_calls.append(scheduler.has_work), idle_seconds=0.2
+    )
+    try:
+        wait_for_calls(1)  # idle from the start
+        for round_index, rid in enumerate(("a", "b")):
+            chunks = run_stream(loop, rid, lambda r=rid: core_request(loaded_target, PROMPTS[0], r))
+            assert chunks[-1].result.token_ids == reference[PROMPTS[0]].token_ids
+            wait_for_calls(round_index + 2)
+            time.sleep(0.6)  # no second call within one idle stretch
+            assert len(idle_calls) == round_index + 2
+        assert idle_calls == [False, False, False]
     finally:
         loop.stop()
 

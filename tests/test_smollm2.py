@@ -248,6 +248,8 @@ def test_main_job_serves_what_generate_prints(tmp_path):
     local = run_cli("--prompt", prompt)
     assert [int(t) for t in served["token_ids"]] == local["token_ids"]
     assert served["text"] == local["text"]
+    assert served["prompt_tokens"] == local["prompt_tokens"]
+    assert served["completion_tokens"] == local["completion_tokens"]
     # The shipped draft is in use on both paths: blocks of more than one token get accepted.
     assert served["acceptance"]["mean_acceptance_length"] > 1.0
     assert local["mean_acceptance_length"] > 1.0
