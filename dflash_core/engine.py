@@ -36,6 +36,9 @@ from dflash_core.target import TargetModel
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROPOSAL = "argmax"
+# The output length limit as errors name it: max_new_tokens in the CLI and SamplingParams,
+# max_tokens in gRPC and HTTP requests.
+LENGTH_OPTION = "max_new_tokens (max_tokens)"
 
 
 class RequestTooLongError(ValueError):
@@ -92,17 +95,17 @@ class SpeculativeEngine:
         context = self.target.config.max_position_embeddings
         if len(prompt_ids) + params.max_new_tokens > context:
             raise RequestTooLongError(
-                f"prompt of {len(prompt_ids)} tokens + max_new_tokens {params.max_new_tokens} "
+                f"prompt of {len(prompt_ids)} tokens + {LENGTH_OPTION} {params.max_new_tokens} "
                 f"exceeds the model's context of {context} tokens; shorten the prompt or "
-                "lower max_new_tokens"
+                f"lower {LENGTH_OPTION}"
             )
         # The last block may reach block_size - 1 positions past the final committed token.
         worst = len(prompt_ids) + params.max_new_tokens + self.block_size
         if worst > self.max_seq_len:
             raise RequestTooLongError(
-                f"prompt of {len(prompt_ids)} tokens + max_new_tokens {params.max_new_tokens} "
+                f"prompt of {len(prompt_ids)} tokens + {LENGTH_OPTION} {params.max_new_tokens} "
                 f"+ block_size {self.block_size} = {worst} exceeds max_seq_len "
-                f"{self.max_seq_len}; shorten the prompt, lower max_new_tokens or raise "
+                f"{self.max_seq_len}; shorten the prompt, lower {LENGTH_OPTION} or raise "
                 "max_seq_len"
             )
 

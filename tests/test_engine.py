@@ -198,7 +198,7 @@ def test_request_too_long_is_rejected_with_numbers(target):
     engine = SpeculativeEngine(target, random_drafter(target, 16), max_seq_len=64)
     with pytest.raises(
         RequestTooLongError,
-        match=r"40 tokens \+ max_new_tokens 20 \+ block_size 16 = 76 exceeds max_seq_len 64",
+        match=r"40 tokens \+ max_new_tokens \(max_tokens\) 20 \+ block_size 16 = 76 exceeds max_seq_len 64",
     ):
         engine.generate(list(range(40)), SamplingParams(max_new_tokens=20))
     # The engine is still usable after a rejection.
