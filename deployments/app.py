@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field, model_validator
 from ray.serve import Application
 
@@ -66,6 +68,12 @@ class AppArgs(BaseModel):
         description="Tokens per KV cache slot; None sizes slots for the model's full context.",
     )
     dtype: str = Field(default="float32", description=f"One of {', '.join(DTYPES)}.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="cuda: the engine replica, its drafter actor and each verifier actor "
+        "reserve one GPU (a colocated draft shares the replica's) and run the models there; "
+        "cpu: CPUs only; auto: cuda when the Ray cluster has GPUs.",
+    )
     min_replicas: int = Field(default=1, ge=0, description="Minimum number of engine replicas.")
     max_replicas: int = Field(default=1, ge=1, description="Maximum number of engine replicas.")
     target_ongoing_requests: float | None = Field(
@@ -138,23 +146,36 @@ class AppArgs(BaseModel):
         return self
 
 
-def placement_bundles(args: AppArgs) -> list[dict[str, float]]:
+def resolve_device(args: AppArgs) -> str:
+    """Return "cpu" or "cuda" for the application; "auto" asks the connected Ray cluster."""
+    if args.device != "auto":
+        return args.device
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    return "cuda" if gpus >= 1 else "cpu"
+
+
+def placement_bundles(args: AppArgs, device: str = "cpu") -> list[dict[str, float]]:
     """Return the bundles of one engine replica's placement group.
 
     In the order `verifier_bundle_index` expects: the replica (rank 0), the drafter actor
-    when the draft is not colocated, then one verifier actor per rank 1..tp-1.
+    when the draft is not colocated, then one verifier actor per rank 1..tp-1. On "cuda"
+    each bundle also holds one GPU.
     """
-    bundles = [{"CPU": args.engine_num_cpus}]
+    gpu = {"GPU": 1} if device == "cuda" else {}
+    bundles = [{"CPU": args.engine_num_cpus, **gpu}]
     if not args.colocated and args.draft is not None:
-        bundles.append({"CPU": args.drafter_num_cpus})
+        bundles.append({"CPU": args.drafter_num_cpus, **gpu})
     verifier_cpus = args.verifier_num_cpus or args.engine_num_cpus
-    bundles += [{"CPU": verifier_cpus} for _ in range(1, args.tp)]
+    bundles += [{"CPU": verifier_cpus, **gpu} for _ in range(1, args.tp)]
     return bundles
 
 
 def build_app(args: AppArgs | dict) -> Application:
     """Build the application from `AppArgs` (or the dict form a Serve config passes)."""
     args = AppArgs.model_validate(args)
+    device = resolve_device(args)
     threads = args.threads or max(1, int(args.engine_num_cpus))
     engine_config = EngineConfig(
         model=args.model,
@@ -163,6 +184,7 @@ def build_app(args: AppArgs | dict) -> Application:
         max_batch_size=args.max_batch_size,
         max_seq_len=args.max_seq_len,
         dtype=args.dtype,
+        device=device,
         threads=threads,
         colocated=args.colocated,
         drafter_num_cpus=args.drafter_num_cpus,
@@ -171,7 +193,7 @@ def build_app(args: AppArgs | dict) -> Application:
         verifier_num_cpus=args.verifier_num_cpus or args.engine_num_cpus,
         log_level=args.log_level,
     )
-    bundles = placement_bundles(args)
+    bundles = placement_bundles(args, device)
     placement = {}
     if len(bundles) > 1:
         # All on one node: the tensor-parallel group meets on 127.0.0.1.
@@ -191,6 +213,7 @@ def build_app(args: AppArgs | dict) -> Application:
         max_queued_requests=args.max_queued_requests,
         ray_actor_options={
             "num_cpus": args.engine_num_cpus,
+            "num_gpus": 1 if device == "cuda" else 0,
             # OpenMP reads this at start-up, before torch.set_num_threads runs.
             "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}},
         },

@@ -213,6 +213,7 @@ def run_serve(args: argparse.Namespace) -> int:
         "max_batch_size": args.max_batch_size,
         "max_seq_len": args.max_seq_len,
         "dtype": args.dtype,
+        "device": args.device,
         "min_replicas": args.min_replicas,
         "max_replicas": args.max_replicas,
         "target_ongoing_requests": args.target_ongoing_requests,

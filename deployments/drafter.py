@@ -18,6 +18,7 @@ in the replica's placement group (bundle 1) when there is one.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
@@ -75,13 +76,18 @@ class DrafterActor:
         block_size: int | None,
         threads: int,
         log_level: str,
+        device: str = "cpu",
     ) -> None:
         configure_worker_logging(log_level)
         torch.set_num_threads(threads)
+        # The weights arrive on the CPU; on a GPU node Ray makes this actor's GPU cuda:0.
+        self.device = torch.device(device)
+        model, embed_tokens = model.to(self.device), embed_tokens.to(self.device)
         self.drafter = DFlashDrafter(model, embed_tokens, None, num_slots, max_seq_len, block_size)
         logger.info(
-            "drafter actor ready (pid %d): block_size %d, %d slots",
+            "drafter actor ready (pid %d, %s): block_size %d, %d slots",
             os.getpid(),
+            self.device,
             self.drafter.block_size,
             num_slots,
         )
@@ -91,21 +97,51 @@ class DrafterActor:
         return self.drafter.block_size, self.drafter.target_layer_ids
 
     def draft_hidden(self, request: DraftRequest) -> torch.Tensor:
-        return self.drafter.draft_hidden(request)
+        """Draft from a request whose tensors are on the CPU; returns CPU states."""
+        if self.device.type != "cpu":
+            context = [rows.to(self.device) for rows in request.context]
+            request = replace(request, context=context)
+        return self.drafter.draft_hidden(request).cpu()
 
     def set_channel_buffer_bytes(self, num_bytes: int) -> None:
         """Set the size of the compiled-graph channels this process creates: the output's."""
         DAGContext.get_current().buffer_size_bytes = num_bytes
 
 
+def copy_module_to(module: nn.Module, device: str | torch.device) -> nn.Module:
+    """Return a copy of the module on `device`; the original stays where it is.
+
+    Each parameter and buffer is copied straight to `device`, so a GPU module's copy for the
+    CPU never needs a second copy on the GPU.
+    """
+    memo: dict[int, torch.Tensor] = {}
+    for param in module.parameters():
+        memo[id(param)] = nn.Parameter(param.detach().to(device, copy=True), param.requires_grad)
+    for buffer in module.buffers():
+        memo[id(buffer)] = buffer.to(device, copy=True)
+    return copy.deepcopy(module, memo)
+
+
+def cpu_copy(module: nn.Module) -> nn.Module:
+    """Return the module if it is on the CPU, else `copy_module_to(module, "cpu")`."""
+    if all(t.device.type == "cpu" for t in [*module.parameters(), *module.buffers()]):
+        return module
+    return copy_module_to(module, "cpu")
+
+
 def compact_request(request: DraftRequest) -> DraftRequest:
-    """Return the request with each context tensor copied out of any larger tensor it views.
+    """Return the request on the CPU, each context tensor copied out of any larger tensor.
 
     The engine's context rows are slices of the verify pass's output for the whole batch, and
-    pickling a slice sends the whole storage it views, once per row.
+    pickling a slice sends the whole storage it views, once per row. Rows on a GPU are copied
+    to the CPU (only the slice), because Ray sends CPU tensors between these processes.
     """
     context = [
-        rows if rows.untyped_storage().nbytes() == rows.nbytes else rows.clone()
+        rows.cpu()
+        if rows.device.type != "cpu"
+        else rows
+        if rows.untyped_storage().nbytes() == rows.nbytes
+        else rows.clone()
         for rows in request.context
     ]
     return replace(request, context=context)
@@ -220,8 +256,8 @@ class RemoteDrafter:
         if self.closed:
             raise DrafterError("the drafter is closed; the engine must not draft after close()")
         # NOTE: the engine does not fall back to plain decoding when the drafter fails.
-        hidden = self.draft_hidden(compact_request(request))  # [batch, B - 1, hidden]
-        return self.head(hidden)
+        hidden = self.draft_hidden(compact_request(request))  # [batch, B - 1, hidden], CPU
+        return self.head(hidden.to(self.head.weight.device))
 
     def draft_hidden(self, request: DraftRequest) -> torch.Tensor:
         """Return the actor's output states [batch, block_size - 1, hidden] for a request."""
@@ -438,6 +474,7 @@ def start_drafter_actor(
     transport: DrafterTransport = DEFAULT_TRANSPORT,
     timeout_s: float | None = None,
     input_buffer_bytes: int | None = None,
+    num_gpus: float = 0,
 ) -> RemoteDrafter:
     """Create a DrafterActor for this draft and target, and return the Drafter that calls it.
 
@@ -446,7 +483,8 @@ def start_drafter_actor(
     step, None waits until the actor returns or dies. `input_buffer_bytes` overrides the
     compiled graph's input channel size (see `channel_buffer_bytes`). The draft weights and the
     embedding table are pickled to the actor once, here. Call `close()` on the result before
-    the engine goes away.
+    the engine goes away. With `num_gpus` the actor reserves a GPU and runs the draft there;
+    the draft and the embedding table are sent as CPU copies, and `draft` is left unchanged.
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown drafter transport {transport!r}; use one of {TRANSPORTS}")
@@ -461,22 +499,25 @@ def start_drafter_actor(
         ray.remote(DrafterActor)
         .options(
             num_cpus=num_cpus,
+            num_gpus=num_gpus,
             scheduling_strategy=scheduling,
             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
         )
         .remote(
-            draft,
-            target.embed_tokens,
+            cpu_copy(draft),
+            cpu_copy(target.embed_tokens),
             num_slots,
             max_seq_len,
             block_size,
             threads,
             logging.getLevelName(logger.getEffectiveLevel()),
+            "cuda" if num_gpus else "cpu",
         )
     )
     logger.info(
-        "started drafter actor (num_cpus %g, placement group %s, %s transport)",
+        "started drafter actor (num_cpus %g, num_gpus %g, placement group %s, %s transport)",
         num_cpus,
+        num_gpus,
         None if placement_group is None else placement_group.id.hex(),
         transport,
     )

@@ -14,6 +14,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from functools import partial
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
@@ -85,6 +86,11 @@ class EngineConfig(BaseModel):
         "None sizes slots for the model's full context.",
     )
     dtype: str = Field(default="float32", description=f"One of {', '.join(DTYPES)}.")
+    device: Literal["cpu", "cuda"] = Field(
+        default="cpu",
+        description="Where the replica, its drafter actor and its verifier actors run the "
+        "models; with cuda each reserves one GPU (a colocated draft shares the replica's).",
+    )
     threads: int = Field(default=1, ge=1, description="torch CPU threads in the replica.")
     colocated: bool = Field(
         default=True,
@@ -141,7 +147,9 @@ def load_engine(
     With `tp` > 1 the target is sharded over this process and verifier actors, which the
     caller closes when the engine stops.
     """
-    target = load_target_and_tokenizer(config.model, config.dtype)
+    # With tp > 1 the whole target is loaded on the CPU and only the shards move to the GPUs.
+    load_device = config.device if config.tp == 1 else "cpu"
+    target = load_target_and_tokenizer(config.model, config.dtype, load_device)
     draft = None
     if config.draft is not None:
         block_size = config.block_size or DEFAULT_BLOCK_SIZE
@@ -158,9 +166,12 @@ def load_engine(
             num_cpus=config.verifier_num_cpus,
             threads=config.threads,
             separate_drafter=not config.colocated and draft is not None,
+            device=config.device,
         )
         # Rank 0 keeps only its shard, so the whole model is freed here.
         target = replace(target, model=verifiers.target)
+        if draft is not None and config.colocated:
+            draft = draft.to(target.model.device)
     try:
         return target, build_engine_on(target, draft, config, max_seq_len), verifiers
     except BaseException:
@@ -191,6 +202,7 @@ def build_engine_on(
             num_cpus=config.drafter_num_cpus,
             threads=config.threads,
             transport=config.drafter_transport,
+            num_gpus=1 if config.device == "cuda" else 0,
         )
         engine = SpeculativeEngine(
             target.model,

@@ -129,7 +129,8 @@ def start(args: AppArgs, options: ServeOptions) -> None:
         }
         ray.init(
             num_cpus=num_cpus,
-            num_gpus=0,
+            # None lets Ray count this machine's GPUs, which device "auto" then uses.
+            num_gpus=0 if args.device == "cpu" else None,
             object_store_memory=LOCAL_OBJECT_STORE_BYTES,
             include_dashboard=False,
             runtime_env=runtime_env,

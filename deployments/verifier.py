@@ -59,23 +59,33 @@ class VerifierActor:
     """One follower rank: a shard of the target and its KV caches."""
 
     def __init__(
-        self, folder: str, dtype: str, rank: int, world_size: int, threads: int, log_level: str
+        self,
+        folder: str,
+        dtype: str,
+        rank: int,
+        world_size: int,
+        threads: int,
+        log_level: str,
+        device: str = "cpu",
     ) -> None:
         configure_worker_logging(log_level)
         torch.set_num_threads(threads)
         self.rank = rank
         self.world_size = world_size
+        # Loaded whole on the CPU; only this rank's shard moves to the device (see join).
+        self.device = torch.device(device)
         self.model: TargetModel | None = load_target(folder, dtype=DTYPES[dtype])
         self.rank_shard = plan_shards(self.model.config, world_size)[rank]
         self.group: TensorParallelGroup | None = None
         self.sharded: TargetShard | None = None
         logger.info(
-            "verifier rank %d of %d loaded %s (pid %d, torch threads %d)",
+            "verifier rank %d of %d loaded %s (pid %d, torch threads %d, device %s)",
             rank,
             world_size,
             folder,
             os.getpid(),
             threads,
+            self.device,
         )
 
     def pid(self) -> int:
@@ -84,8 +94,8 @@ class VerifierActor:
     def join(self, port: int) -> None:
         """Join rank 0's group at RENDEZVOUS_HOST:port, then keep only this rank's shard."""
         store = open_store(RENDEZVOUS_HOST, port, self.rank, self.world_size)
-        self.group = join_group(store, self.rank, self.world_size, self.model.device)
-        self.sharded = shard_target(self.model, self.rank_shard, self.group.data)
+        self.group = join_group(store, self.rank, self.world_size, self.device)
+        self.sharded = shard_target(self.model, self.rank_shard, self.group.data).to(self.device)
         self.model = None
 
     def serve(self) -> str | None:
@@ -152,15 +162,16 @@ def start_verifiers(
     num_cpus: float,
     threads: int,
     separate_drafter: bool,
+    device: str = "cpu",
 ) -> TensorParallelVerifiers:
     """Start ranks 1..tp-1 as actors, join them as rank 0 and shard `model` for rank 0.
 
     Raises ValueError before starting anything when the target cannot be split over `tp`
-    ranks. `model` is the whole target, loaded from `folder`. Drop it afterwards.
+    ranks. `model` is the whole target, loaded from `folder` (on the CPU, so it need not fit
+    one GPU). Drop it afterwards. With `device` "cuda" every rank reserves a GPU of the
+    replica's placement group, keeps its shard there, and the ranks talk over NCCL.
     """
     plan_shards(model.config, tp)
-    # TODO: on GPU nodes, give each rank a {"GPU": 1} bundle and load the shards on CUDA, so
-    # join_group picks NCCL. The bundles reserve CPUs only so far.
     placement_group = get_current_placement_group()
     level = logging.getLevelName(logger.getEffectiveLevel())
     actors = []
@@ -177,10 +188,11 @@ def start_verifiers(
                 ray.remote(VerifierActor)
                 .options(
                     num_cpus=num_cpus,
+                    num_gpus=1 if device == "cuda" else 0,
                     scheduling_strategy=scheduling,
                     runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
                 )
-                .remote(str(folder), dtype, rank, tp, threads, level)
+                .remote(str(folder), dtype, rank, tp, threads, level, device)
             )
             actors.append(actor)
         # Waiting for the constructors first surfaces a failed load here, not as a hang in
@@ -194,9 +206,9 @@ def start_verifiers(
         )
         store = open_store(RENDEZVOUS_HOST, 0, 0, tp)
         joins = [actor.join.remote(store.port) for actor in actors]
-        group = join_group(store, 0, tp, model.device)
+        group = join_group(store, 0, tp, torch.device(device))
         ray.get(joins)
-        target = rank0_target(model, group)
+        target = rank0_target(model, group, torch.device(device))
     except BaseException:
         for actor in actors:
             ray.kill(actor)

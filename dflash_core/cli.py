@@ -17,6 +17,7 @@ from dflash_core.fetch import DEFAULT_MODEL, ConversionError, FetchError
 from dflash_core.pipeline import (
     AUTO_DRAFT,
     DEFAULT_BLOCK_SIZE,
+    DEVICES,
     DTYPES,
     RANDOM_DRAFT,
     LoadedTarget,
@@ -87,6 +88,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, allow_no_draft: bool = 
         choices=sorted(DTYPES),
         default="float32",
         help="weight and activation dtype (default: float32)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where the models run; auto (default) is cuda when there is a GPU (for serve: in "
+        "the Ray cluster), else cpu",
     )
 
 
@@ -173,7 +181,7 @@ def run_generate(args: argparse.Namespace) -> int:
     check_engine_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    target = load_target_and_tokenizer(args.model, args.dtype)
+    target = load_target_and_tokenizer(args.model, args.dtype, args.device)
     draft = None
     if not args.no_draft:
         draft = build_draft(

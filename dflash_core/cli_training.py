@@ -139,8 +139,8 @@ def write_model_card(out: Path, summary: dict) -> None:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    target = load_target_and_tokenizer(args.model)
-    draft = build_draft(args.draft, target)
+    target = load_target_and_tokenizer(args.model, args.dtype, args.device)
+    draft = build_draft(args.draft, target, dtype=args.dtype)
     if draft is None:
         raise ValueError("dflash bench compares a draft with plain decoding: pass --draft FOLDER")
     params = SamplingParams(

@@ -136,7 +136,8 @@ class SpeculativeEngine:
         began = time.perf_counter()
         self.cache.reset(seq.slot)
         ids = torch.tensor([seq.prompt_ids], device=self.target.device)
-        out = self.target(ids, self.cache, torch.tensor([seq.slot]), self.tap_layer_ids)
+        slot = torch.tensor([seq.slot], device=ids.device)
+        out = self.target(ids, self.cache, slot, self.tap_layer_ids)
         logits = self.target.logits(out.hidden[0, -1:])  # [1, vocab]
         first = self._choose(seq, logits)
         seq.pending_context = out.tapped[0]
@@ -225,7 +226,9 @@ class SpeculativeEngine:
                 if seq.params.greedy:
                     continue
                 probs = filtered_probs(logits[row], seq.params)  # [block_size - 1, vocab]
-                drafts[row] = torch.multinomial(probs, 1, generator=seq.generator)[:, 0]
+                # The request's generator is on the CPU (see sampling.sample).
+                drawn = torch.multinomial(probs.cpu(), 1, generator=seq.generator)[:, 0]
+                drafts[row] = drawn.to(drafts.device)
                 draft_probs[row] = probs
         return drafts, draft_probs
 
@@ -262,7 +265,8 @@ class SpeculativeEngine:
         if not seq.params.logprobs:
             return None
         rows = logits[: len(tokens)].float().log_softmax(-1)
-        return rows[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+        index = torch.arange(len(tokens), device=rows.device)
+        return rows[index, torch.tensor(tokens, device=rows.device)].tolist()
 
 
 def accept_greedy(drafts: torch.Tensor, target_tokens: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,8 @@ RANDOM_DRAFT_SEED = 0
 DEFAULT_BLOCK_SIZE = 16
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# "auto" is CUDA when torch sees a GPU, else the CPU.
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -38,17 +40,34 @@ class LoadedTarget:
     eos_token_ids: tuple[int, ...]
 
 
-def load_target_and_tokenizer(spec: str = DEFAULT_MODEL, dtype: str = "float32") -> LoadedTarget:
+def resolve_device(name: str) -> torch.device:
+    """Return the torch device for a --device value; ValueError if it cannot be used here."""
+    if name not in DEVICES:
+        raise ValueError(f"device {name!r} is not supported; choose one of {', '.join(DEVICES)}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device cuda was requested but torch {torch.__version__} sees no CUDA GPU; pass "
+            "--device cpu, or install a CUDA build of torch on a machine with a GPU"
+        )
+    return torch.device(name)
+
+
+def load_target_and_tokenizer(
+    spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu"
+) -> LoadedTarget:
     """Resolve a model spec (known name, .gguf file or HF folder) and load it with its tokenizer."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    torch_device = resolve_device(device)  # before a model download, which a bad device wastes
     folder = resolve_model(spec)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(
             f"no tokenizer in {folder}: expected one of {', '.join(TOKENIZER_FILES)} next to "
             "config.json"
         )
-    model = load_target(folder, dtype=DTYPES[dtype])
+    model = load_target(folder, dtype=DTYPES[dtype], device=torch_device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return LoadedTarget(model, tokenizer, folder, eos_token_ids(tokenizer, folder))
 
@@ -114,7 +133,9 @@ def build_draft(
 
     `auto`: the draft shipped for this target, or None (plain decoding) with a warning;
     `random`: a randomly initialised draft with a fixed seed; otherwise a checkpoint folder.
+    The draft goes on the target's device.
     """
+    device = target.model.device
     if spec == AUTO_DRAFT:
         folder = shipped_draft(target)
         if folder is None:
@@ -125,7 +146,7 @@ def build_draft(
             )
             return None
         logger.info("using the shipped draft %s", folder)
-        return load_draft(folder, dtype=DTYPES[dtype])
+        return load_draft(folder, dtype=DTYPES[dtype], device=device)
     if spec == RANDOM_DRAFT:
         config = draft_config_for_target(
             target.model.config,
@@ -140,7 +161,8 @@ def build_draft(
             block_size,
             config.mask_token_id,
         )
-        return new_draft_model(config, seed=RANDOM_DRAFT_SEED).to(DTYPES[dtype]).eval()
+        draft = new_draft_model(config, seed=RANDOM_DRAFT_SEED)
+        return draft.to(device=device, dtype=DTYPES[dtype]).eval()
     folder = Path(spec)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
@@ -148,7 +170,7 @@ def build_draft(
             f"{AUTO_DRAFT!r} for the shipped draft, or {RANDOM_DRAFT!r} for a randomly "
             "initialised one"
         )
-    return load_draft(folder, dtype=DTYPES[dtype])
+    return load_draft(folder, dtype=DTYPES[dtype], device=device)
 
 
 def build_engine(

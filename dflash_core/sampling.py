@@ -105,8 +105,12 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """Draw one token id from a distribution [vocab]."""
-    return int(torch.multinomial(probs, 1, generator=generator))
+    """Draw one token id from a distribution [vocab].
+
+    Request generators live on the CPU, so a seed gives the same tokens on every device;
+    probabilities on a GPU are copied over for the draw.
+    """
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
 def accept_sampled(

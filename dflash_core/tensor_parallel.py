@@ -274,10 +274,17 @@ def follow(shard: TargetShard, group: TensorParallelGroup) -> None:
 # ---- starting a group -------------------------------------------------------------------
 
 
-def rank0_target(model: TargetModel, group: TensorParallelGroup) -> TensorParallelTarget:
-    """Shard a whole loaded target for rank 0 and wrap it. Drop `model` afterwards to free it."""
+def rank0_target(
+    model: TargetModel, group: TensorParallelGroup, device: torch.device | None = None
+) -> TensorParallelTarget:
+    """Shard a whole loaded target for rank 0 and wrap it. Drop `model` afterwards to free it.
+
+    `device` (default: the model's) is where the shard and the whole LM head go, so a target
+    loaded on the CPU never has to fit one GPU whole.
+    """
+    device = device or model.device
     shard = shard_target(model, plan_shards(model.config, group.world_size)[0], group.data)
-    return TensorParallelTarget(shard, group, model.lm_head)
+    return TensorParallelTarget(shard.to(device), group, model.lm_head.to(device))
 
 
 def run_follower(

@@ -1,6 +1,8 @@
 import pytest
+import torch
 
 from dflash_core.cli import main
+from dflash_core.pipeline import resolve_device
 
 
 @pytest.mark.parametrize(
@@ -23,3 +25,16 @@ def test_unknown_log_level_is_a_usage_error(capsys):
         main(["--log-level", "verbose", "generate"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_device_without_gpu_is_rejected(caplog):
+    assert resolve_device("auto") == torch.device("cpu")
+    assert main(["generate", "--device", "cuda"]) == 2
+    assert "device cuda was requested but torch" in caplog.text
+    assert "pass --device cpu" in caplog.text
+
+
+def test_unknown_device_is_rejected():
+    with pytest.raises(ValueError, match="device 'tpu' is not supported; choose one of auto"):
+        resolve_device("tpu")

@@ -20,6 +20,8 @@ from deployments.drafter import (
     DrafterError,
     RemoteDrafter,
     compact_request,
+    copy_module_to,
+    cpu_copy,
     estimate_message_bytes,
     split_request,
     start_drafter_actor,
@@ -239,6 +241,19 @@ def test_compact_request_copies_views_only():
     assert compact.context[0].untyped_storage().nbytes() == 2 * 8 * 4
     assert torch.equal(compact.context[0], verified[1, :2])
     assert compact.context[1] is own
+
+
+def test_copy_module_to_leaves_the_original(draft):
+    copied = copy_module_to(draft, "cpu")
+    assert copied is not draft and copied.config == draft.config
+    originals = dict(draft.named_parameters())
+    for name, param in copied.named_parameters():
+        assert torch.equal(param, originals[name]), name
+        assert param.data_ptr() != originals[name].data_ptr(), name  # its own storage
+    with torch.no_grad():
+        next(copied.parameters()).add_(1.0)
+    assert not torch.equal(next(copied.parameters()), next(draft.parameters()))
+    assert cpu_copy(draft) is draft  # already on the CPU: sent as it is
 
 
 def test_failed_draft_pass_keeps_compiled_graph(remote_drafters, prompts):

@@ -473,6 +473,23 @@ def test_placement_bundles_order():
     assert verifier_bundle_index(1, separate_drafter=False) == 1
 
 
+def test_cuda_bundles_hold_one_gpu_each():
+    from deployments.app import resolve_device
+
+    args = AppArgs(tp=2, colocated=False, engine_num_cpus=1, drafter_num_cpus=0.5, device="cuda")
+    assert resolve_device(args) == "cuda"
+    assert placement_bundles(args, "cuda") == [
+        {"CPU": 1, "GPU": 1},
+        {"CPU": 0.5, "GPU": 1},
+        {"CPU": 1, "GPU": 1},
+    ]
+    # A colocated draft shares the replica's GPU.
+    colocated = AppArgs(tp=2, engine_num_cpus=1)
+    assert placement_bundles(colocated, "cuda") == [{"CPU": 1, "GPU": 1}] * 2
+    # "auto" without a Ray cluster (or on one without GPUs) is the CPU.
+    assert resolve_device(AppArgs()) == "cpu"
+
+
 @pytest.mark.slow
 def test_engine_autoscales_under_load(model_folder):
     """Long requests above target_ongoing_requests bring up the second engine replica."""
