@@ -15,6 +15,7 @@ from dflash_core.datasets import EVAL_DATASETS, TRAIN_DATASETS, dataset_table, l
 from dflash_core.engine import DEFAULT_PROPOSAL, SpeculativeEngine
 from dflash_core.fetch import DEFAULT_MODEL
 from dflash_core.pipeline import (
+    DEVICES,
     build_draft,
     default_mask_token_id,
     encode_prompt,
@@ -44,7 +45,7 @@ def run_datasets(args: argparse.Namespace) -> int:
 
 
 def run_datagen(args: argparse.Namespace) -> int:
-    target = load_target_and_tokenizer(args.target)
+    target = load_target_and_tokenizer(args.target, device=args.device)
     prompts = []
     for name in args.datasets.split(","):
         for record in load_prompts(name, "train", args.limit):
@@ -68,7 +69,7 @@ def run_datagen(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    target = load_target_and_tokenizer(args.target)
+    target = load_target_and_tokenizer(args.target, device=args.device)
     data = Path(args.data)
     data_file = data / RESPONSES_FILE if data.is_dir() else data
     sequences = read_sequences(data_file, args.max_len)
@@ -170,6 +171,16 @@ def run_bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where the target (and the draft in training) runs; auto (default) is cuda when "
+        "torch sees a GPU, else cpu",
+    )
+
+
 def register(commands: argparse._SubParsersAction, add_model_arguments) -> None:
     """Add the training and benchmark subcommands to the `dflash` parser."""
     datasets = commands.add_parser("datasets", help="list the prompt datasets and their splits")
@@ -198,6 +209,7 @@ def register(commands: argparse._SubParsersAction, add_model_arguments) -> None:
         "--temperature", type=float, default=0.0, help="0 for greedy responses (default)"
     )
     datagen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    add_device_argument(datagen)
     datagen.add_argument(
         "--max-batch-size", type=int, default=8, help="responses generated together (default 8)"
     )
@@ -248,6 +260,7 @@ def register(commands: argparse._SubParsersAction, add_model_arguments) -> None:
         "--max-len", type=int, default=DEFAULT_TRAIN_MAX_LEN, help="tokens per sequence at most"
     )
     train.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed")
+    add_device_argument(train)
     train.add_argument(
         "--train-vocab",
         choices=TRAIN_VOCABS,

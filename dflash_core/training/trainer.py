@@ -134,12 +134,14 @@ def read_sequences(path: str | Path, max_len: int) -> list[TrainingSequence]:
 def tap_target(
     target: TargetModel, sequences: list[TrainingSequence], layer_ids: tuple[int, ...]
 ) -> list[torch.Tensor]:
-    """Return tapped target states [T, n * hidden] (bf16) for every sequence."""
+    """Return tapped target states [T, n * hidden] (bf16, on the CPU) for every sequence."""
     features = []
+    device = target.device
     for seq in tqdm(sequences, desc="target hidden states", unit="seq"):
         cache = target.new_cache(1, len(seq.token_ids))
-        out = target(torch.tensor([seq.token_ids]), cache, torch.tensor([0]), layer_ids)
-        features.append(out.tapped[0].to(torch.bfloat16))
+        ids = torch.tensor([seq.token_ids], device=device)
+        out = target(ids, cache, torch.tensor([0], device=device), layer_ids)
+        features.append(out.tapped[0].to(torch.bfloat16).cpu())
     return features
 
 
@@ -192,10 +194,14 @@ class DraftTrainer:
             intermediate_size=config.intermediate_size,
             draft_vocab_ids=vocab_ids,
         )
-        self.model: DraftModel = new_draft_model(draft_config, seed=config.seed).train()
+        # The draft trains where the target is; index tensors are built on the CPU and moved.
+        self.device = self.target.device
+        self.label_rows = self.label_rows.to(self.device)
+        self.model: DraftModel = new_draft_model(draft_config, seed=config.seed)
+        self.model = self.model.to(self.device).train()
         if config.init_from is not None:
             self._load_initial_weights(config.init_from)
-        self.weights = slot_weights(config.block_size, self.gamma)
+        self.weights = slot_weights(config.block_size, self.gamma).to(self.device)
         steps_per_epoch = math.ceil(len(sequences) / config.sequences_per_step)
         self.total_steps = steps_per_epoch * config.epochs
         self.steps_per_epoch = steps_per_epoch
@@ -249,9 +255,11 @@ class DraftTrainer:
         )
         labels = labels.view(len(anchors), block_size)
         labels[:, 0] = -100  # slot 0 contains a known token
-        context = self.model.context_features(self.features[index].float()[None])[0]
-        mask = block_attention_mask(anchors, block_size, len(tokens))
-        embeds = self.target.embed_tokens(block_ids.flatten())
+        features = self.features[index].to(self.device).float()
+        context = self.model.context_features(features[None])[0]
+        mask = block_attention_mask(anchors, block_size, len(tokens)).to(self.device)
+        labels, positions = labels.to(self.device), positions.to(self.device)
+        embeds = self.target.embed_tokens(block_ids.flatten().to(self.device))
         hidden = draft_blocks_forward(self.model, embeds, positions, context, mask)
         logits = F.linear(hidden, self.head).view(len(anchors), block_size, -1)
         labels = torch.where(labels == -100, -100, self.label_rows[labels.clamp_min(0)])
@@ -329,9 +337,9 @@ class DraftTrainer:
     def _optimizer_step(self, batch: list[int], generator: torch.Generator) -> StepStats:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total_loss = torch.zeros(())
-        total_weight = torch.zeros(())
-        counts = torch.zeros(2, self.config.block_size)
+        total_loss = torch.zeros((), device=self.device)
+        total_weight = torch.zeros((), device=self.device)
+        counts = torch.zeros(2, self.config.block_size, device=self.device)
         accepted = blocks = 0
         dtype = PRECISIONS[self.config.precision]
         with torch.autocast(self.head.device.type, dtype=dtype, enabled=dtype is not None):
