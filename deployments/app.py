@@ -8,15 +8,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 from ray.serve import Application
 
 from deployments.engine import DFlashEngine, EngineConfig
 from deployments.ingress import DFlashIngress
-from deployments.schemas import DEFAULT_TRANSPORT, DrafterTransport
-from dflash_core.cli import DEFAULT_MAX_BATCH_SIZE, MAX_BLOCK_SIZE
-from dflash_core.fetch import DEFAULT_MODEL
-from dflash_core.pipeline import AUTO_DRAFT, DTYPES, RANDOM_DRAFT
 
 APP_NAME = "dflash"
 # The servicer function Serve's gRPC proxy imports to register DFlashService.
@@ -26,48 +22,11 @@ DEFAULT_MAX_QUEUED_REQUESTS = 16
 INGRESS_MAX_ONGOING_REQUESTS = 1000
 
 
-class AppArgs(BaseModel):
-    """Arguments of the dflash Serve application."""
+class AppArgs(EngineConfig):
+    """Arguments of the dflash Serve application: each engine replica's `EngineConfig` fields,
+    where `device`, `threads` and `verifier_num_cpus` may be left to the application, and the
+    replica counts, limits and CPU shares of the deployments."""
 
-    model: str = Field(
-        default=DEFAULT_MODEL,
-        description="Target model: a known name, a .gguf file or a Hugging Face folder.",
-    )
-    draft: str | None = Field(
-        default=AUTO_DRAFT,
-        description=f"Draft checkpoint folder, {AUTO_DRAFT!r} for the draft shipped with the "
-        f"target (plain decoding if none ships), {RANDOM_DRAFT!r} for a randomly initialised "
-        "draft, or None for plain decoding.",
-    )
-    tp: int = Field(
-        default=1,
-        ge=1,
-        description="Tensor-parallel ranks of the target verifier: the engine replica is rank "
-        "0 and each other rank is a verifier actor in its placement group. At most the "
-        "target's key/value heads (3 for SmolLM2-135M).",
-    )
-    colocated: bool = Field(
-        default=True,
-        description="Run the draft model in the engine replica's process; False runs it in a "
-        "drafter actor in the replica's placement group.",
-    )
-    block_size: int | None = Field(
-        default=None,
-        ge=2,
-        le=MAX_BLOCK_SIZE,
-        description="Draft block size in tokens; None uses the draft's own.",
-    )
-    max_batch_size: int = Field(
-        default=DEFAULT_MAX_BATCH_SIZE,
-        ge=1,
-        description="Sequences one engine replica decodes together (KV cache slots).",
-    )
-    max_seq_len: int | None = Field(
-        default=None,
-        ge=2,
-        description="Tokens per KV cache slot; None sizes slots for the model's full context.",
-    )
-    dtype: str = Field(default="float32", description=f"One of {', '.join(DTYPES)}.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto",
         description="cuda: the engine replica, its drafter actor and each verifier actor "
@@ -110,14 +69,6 @@ class AppArgs(BaseModel):
     engine_num_cpus: float = Field(
         default=1.0, gt=0, description="CPUs Ray reserves for each engine replica."
     )
-    drafter_num_cpus: float = Field(
-        default=1.0, gt=0, description="CPUs Ray reserves for each drafter actor (not colocated)."
-    )
-    drafter_transport: DrafterTransport = Field(
-        default=DEFAULT_TRANSPORT,
-        description="Per-step calls to the drafter actor: 'actor' or 'compiled' (Ray Compiled "
-        "Graphs).",
-    )
     verifier_num_cpus: float | None = Field(
         default=None,
         gt=0,
@@ -126,9 +77,6 @@ class AppArgs(BaseModel):
     )
     ingress_num_cpus: float = Field(
         default=0.1, gt=0, description="CPUs Ray reserves for the ingress replica."
-    )
-    log_level: str = Field(
-        default="INFO", description="Level of the project's logs in replicas and actors."
     )
     threads: int | None = Field(
         default=None,
@@ -177,22 +125,13 @@ def build_app(args: AppArgs | dict) -> Application:
     args = AppArgs.model_validate(args)
     device = resolve_device(args)
     threads = args.threads or max(1, int(args.engine_num_cpus))
-    engine_config = EngineConfig(
-        model=args.model,
-        draft=args.draft,
-        block_size=args.block_size,
-        max_batch_size=args.max_batch_size,
-        max_seq_len=args.max_seq_len,
-        dtype=args.dtype,
+    engine_fields = args.model_dump(include=set(EngineConfig.model_fields))
+    engine_fields.update(
         device=device,
         threads=threads,
-        colocated=args.colocated,
-        drafter_num_cpus=args.drafter_num_cpus,
-        drafter_transport=args.drafter_transport,
-        tp=args.tp,
         verifier_num_cpus=args.verifier_num_cpus or args.engine_num_cpus,
-        log_level=args.log_level,
     )
+    engine_config = EngineConfig(**engine_fields)
     bundles = placement_bundles(args, device)
     placement = {}
     if len(bundles) > 1:

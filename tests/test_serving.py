@@ -439,9 +439,8 @@ def test_serve_cli_rejects_tp_above_kv_heads(model_folder, caplog):
 
 def test_serve_cli_names_bad_options(caplog):
     assert cli.main(["serve", "--tp", "0", "--max-batch-size", "-1"]) == 2
-    assert "invalid serve options: --tp 0: Input should be greater than or equal to 1" in (
-        caplog.text
-    )
+    assert "invalid serve options: " in caplog.text
+    assert "--tp 0: Input should be greater than or equal to 1" in caplog.text
     assert "--max-batch-size -1: Input should be greater than or equal to 1" in caplog.text
     assert "errors.pydantic.dev" not in caplog.text
 
