@@ -95,7 +95,7 @@ class AppArgs(EngineConfig):
 
 
 def resolve_device(args: AppArgs) -> str:
-    """Return "cpu" or "cuda" for the application; "auto" asks the connected Ray cluster."""
+    """Return "cpu" or "cuda"; "auto" is "cuda" when the connected Ray cluster has a GPU."""
     if args.device != "auto":
         return args.device
     import ray
@@ -109,8 +109,9 @@ def placement_bundles(args: AppArgs, device: str = "cpu") -> list[dict[str, floa
 
     In the order `verifier_bundle_index` expects: the replica (rank 0), the drafter actor
     when the draft is not colocated, then one verifier actor per rank 1..tp-1. On "cuda"
-    each bundle also holds one GPU.
+    each bundle also reserves one GPU.
     """
+    # NOTE: the "cuda" layout (and the CUDA code it leads to) has not run on a GPU yet.
     gpu = {"GPU": 1} if device == "cuda" else {}
     bundles = [{"CPU": args.engine_num_cpus, **gpu}]
     if not args.colocated and args.draft is not None:

@@ -28,7 +28,7 @@ RANDOM_DRAFT_SEED = 0
 DEFAULT_BLOCK_SIZE = 16
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# "auto" is CUDA when torch sees a GPU, else the CPU.
+# "auto" is CUDA when torch finds a GPU, else the CPU.
 DEVICES = ("auto", "cpu", "cuda")
 
 

@@ -569,7 +569,7 @@ def test_engine_loop_failed_step_fails_requests(loaded_target, reference):
         loop.stop()
 
 
-def test_engine_loop_calls_idle_hook_once_per_idle_stretch(loaded_target, reference):
+def test_engine_loop_idle_hook_once_per_pause(loaded_target, reference):
     engine = build_engine(loaded_target, None, max_seq_len=MAX_SEQ_LEN)
     idle_calls = []  # whether the scheduler had work at each call
 

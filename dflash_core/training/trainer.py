@@ -195,6 +195,7 @@ class DraftTrainer:
             draft_vocab_ids=vocab_ids,
         )
         # The draft trains where the target is; index tensors are built on the CPU and moved.
+        # NOTE: training on a GPU has not run yet (the build machines have none).
         self.device = self.target.device
         self.label_rows = self.label_rows.to(self.device)
         self.model: DraftModel = new_draft_model(draft_config, seed=config.seed)
