@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -13,6 +14,8 @@ from ray.serve import Application
 
 from deployments.engine import DFlashEngine, EngineConfig
 from deployments.ingress import DFlashIngress
+
+logger = logging.getLogger(__name__)
 
 APP_NAME = "dflash"
 # The servicer function Serve's gRPC proxy imports to register DFlashService.
@@ -96,11 +99,25 @@ class AppArgs(EngineConfig):
 
 def resolve_device(args: AppArgs) -> str:
     """Return "cpu" or "cuda"; "auto" is "cuda" when the connected Ray cluster has a GPU."""
-    if args.device != "auto":
-        return args.device
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    if not ray.is_initialized():
+        # `serve run` calls the builder before it connects to Ray.
+        if args.device == "auto":
+            logger.warning(
+                "device auto: not connected to Ray yet, so its GPUs cannot be counted; using "
+                "cpu. Pass device cuda (--device cuda) to run on GPUs"
+            )
+            return "cpu"
+        return args.device
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if args.device == "cuda" and gpus < 1:
+        logger.warning(
+            "device cuda: the Ray cluster has no GPU now; engine replicas wait until GPU nodes "
+            "join (pass device cpu to run on CPUs)"
+        )
+    if args.device != "auto":
+        return args.device
     return "cuda" if gpus >= 1 else "cpu"
 
 

@@ -48,6 +48,7 @@ from dflash_core.pipeline import (
     build_engine,
     encode_prompt,
     load_target_and_tokenizer,
+    resolve_device,
 )
 from dflash_core.sampling import SamplingParams
 from dflash_core.scheduler import Request, Scheduler
@@ -147,13 +148,21 @@ def load_engine(
     With `tp` > 1 the target is sharded over this process and verifier actors, which the
     caller closes when the engine stops.
     """
+    resolve_device(config.device)  # fails now, not after the verifier actors have loaded
     # With tp > 1 the whole target is loaded on the CPU and only the shards move to the GPUs.
     load_device = config.device if config.tp == 1 else "cpu"
     target = load_target_and_tokenizer(config.model, config.dtype, load_device)
+    # The placement group has a drafter bundle whenever the config asks for a drafter actor,
+    # even if `draft="auto"` finds no shipped draft; the verifier bundles come after it.
+    separate_drafter = not config.colocated and config.draft is not None
     draft = None
     if config.draft is not None:
         block_size = config.block_size or DEFAULT_BLOCK_SIZE
-        draft = build_draft(config.draft, target, block_size=block_size, dtype=config.dtype)
+        # A drafter actor gets a CPU copy anyway, so its draft is loaded on the CPU.
+        draft_device = "cpu" if separate_drafter else target.model.device
+        draft = build_draft(
+            config.draft, target, block_size=block_size, dtype=config.dtype, device=draft_device
+        )
     block_size = config.block_size or (draft.config.block_size if draft else 1)
     max_seq_len = config.max_seq_len or (target.model.config.max_position_embeddings + block_size)
     verifiers = None
@@ -165,7 +174,7 @@ def load_engine(
             dtype=config.dtype,
             num_cpus=config.verifier_num_cpus,
             threads=config.threads,
-            separate_drafter=not config.colocated and draft is not None,
+            separate_drafter=separate_drafter,
             device=config.device,
         )
         # Rank 0 keeps only its shard, so the whole model is freed here.

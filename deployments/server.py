@@ -75,6 +75,24 @@ def local_cluster_cpus(args: AppArgs) -> float:
     return float(math.ceil(args.ingress_num_cpus + args.max_replicas * per_replica))
 
 
+def local_cluster_gpus(device: str) -> int | None:
+    """Return ray.init's num_gpus for a local cluster: None lets Ray count this machine's GPUs.
+
+    Ray counts GPUs without asking torch, so "auto" with a CPU build of torch on a GPU machine
+    gets 0 GPUs (and runs on the CPU), and "cuda" fails here at once.
+    """
+    import torch
+
+    from dflash_core.pipeline import resolve_device
+
+    if device == "cuda":
+        resolve_device(device)  # ValueError with the fix when torch has no CUDA
+        return None
+    if device == "auto" and torch.cuda.is_available():
+        return None
+    return 0
+
+
 def check_tensor_parallel(model: str, tp: int) -> None:
     """Raise ValueError if the target cannot be split over `tp` ranks.
 
@@ -129,8 +147,7 @@ def start(args: AppArgs, options: ServeOptions) -> None:
         }
         ray.init(
             num_cpus=num_cpus,
-            # None lets Ray count this machine's GPUs, which device "auto" then uses.
-            num_gpus=0 if args.device == "cpu" else None,
+            num_gpus=local_cluster_gpus(args.device),
             object_store_memory=LOCAL_OBJECT_STORE_BYTES,
             include_dashboard=False,
             runtime_env=runtime_env,

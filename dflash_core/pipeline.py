@@ -128,14 +128,15 @@ def build_draft(
     block_size: int = DEFAULT_BLOCK_SIZE,
     num_layers: int = 1,
     dtype: str = "float32",
+    device: str | torch.device | None = None,
 ) -> DraftModel | None:
     """Load a draft for `target` from a spec.
 
     `auto`: the draft shipped for this target, or None (plain decoding) with a warning;
     `random`: a randomly initialised draft with a fixed seed; otherwise a checkpoint folder.
-    The draft goes on the target's device.
+    The draft goes on `device`, by default the target's.
     """
-    device = target.model.device
+    device = device if device is not None else target.model.device
     if spec == AUTO_DRAFT:
         folder = shipped_draft(target)
         if folder is None:

@@ -107,8 +107,8 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
     """Draw one token id from a distribution [vocab].
 
-    Request generators live on the CPU, so a seed gives the same tokens on every device.
-    Probabilities on a GPU are copied to the CPU for the draw.
+    Request generators live on the CPU, so one seed gives the same draws on every device from
+    the same probabilities. Probabilities on a GPU are copied to the CPU for the draw.
     """
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 

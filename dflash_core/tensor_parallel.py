@@ -284,7 +284,15 @@ def rank0_target(
     """
     device = device or model.device
     shard = shard_target(model, plan_shards(model.config, group.world_size)[0], group.data)
-    return TensorParallelTarget(shard.to(device), group, model.lm_head.to(device))
+    shard = shard.to(device)
+    if model.config.tie_word_embeddings:
+        # The head is the embedding table, which the shard already holds on `device`.
+        config = model.config
+        lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
+        lm_head.weight = shard.embed_tokens.weight
+    else:
+        lm_head = model.lm_head.to(device)  # moves the caller's head too; it drops the model
+    return TensorParallelTarget(shard, group, lm_head)
 
 
 def run_follower(

@@ -489,6 +489,16 @@ def test_cuda_bundles_hold_one_gpu_each():
     assert resolve_device(AppArgs()) == "cpu"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_local_cluster_gpus_follow_torch():
+    from deployments.server import local_cluster_gpus
+
+    assert local_cluster_gpus("cpu") == 0
+    assert local_cluster_gpus("auto") == 0  # Ray would count GPUs that torch cannot use
+    with pytest.raises(ValueError, match="device cuda was requested but torch"):
+        local_cluster_gpus("cuda")
+
+
 @pytest.mark.slow
 def test_engine_autoscales_under_load(model_folder):
     """Long requests above target_ongoing_requests bring up the second engine replica."""

@@ -103,6 +103,11 @@ def test_tp2_logits_equal_whole_model(model_folder, caplog):
     expected_logits, expected_tapped = run(whole)
     with local_tensor_parallel(whole, model_folder, world_size=2) as target:
         actual_logits, actual_tapped = run(target)
+        # The whole head that a drafter borrows equals the model's; a tied one is the
+        # embedding table itself, not a second copy.
+        assert torch.equal(target.lm_head.weight, whole.lm_head.weight)
+        if whole.config.tie_word_embeddings:
+            assert target.lm_head.weight is target.embed_tokens.weight
     for step, (actual, expected) in enumerate(zip(actual_logits, expected_logits)):
         assert actual.dtype == torch.float32
         assert actual.shape == expected.shape

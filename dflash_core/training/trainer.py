@@ -145,6 +145,15 @@ def tap_target(
     return features
 
 
+def training_hardware(device: torch.device) -> str:
+    """Describe where a run trained, for its summary and model card."""
+    torch_version = f"torch {torch.__version__}"
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, {torch_version}"
+    cpu = f"{platform.machine()} {platform.processor() or ''}".strip()
+    return f"{cpu} {torch.get_num_threads()} threads, {torch_version}"
+
+
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     """Learning-rate factor: linear warm-up, then cosine decay to zero."""
     if step < warmup:
@@ -328,8 +337,7 @@ class DraftTrainer:
             "wall_seconds": round(time.perf_counter() - began, 1),
             "gamma": self.gamma,
             "target_layer_ids": list(self.model.config.target_layer_ids),
-            "hardware": f"{platform.machine()} {platform.processor() or ''} "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}".strip(),
+            "hardware": training_hardware(self.device),
             "config": asdict(config),
         }
         (self.out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -401,7 +409,8 @@ class DraftTrainer:
         state_file = folder / TRAINER_STATE
         if not state_file.is_file():
             return
-        state = torch.load(state_file, weights_only=False)
+        # On the CPU first: a run saved on a GPU may resume on another device.
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
         if state["config"] != asdict(self.config):
             raise ValueError(
                 f"the checkpoint in {folder} was made with another training config; use a new "
