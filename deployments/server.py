@@ -110,13 +110,81 @@ LOCAL_SERVE_TIMEOUTS = {
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
     "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
     # ray.init waits 30 s for the GCS server to write its port; a loaded machine can take longer.
-    "RAY_gcs_server_port_wait_time_s": "120",
+    "RAY_gcs_server_port_wait_time_s": "60",
 }
 # Seconds shutdown() waits for the processes of a local cluster to exit before killing them.
 LOCAL_EXIT_TIMEOUT_S = 30.0
+# Starts of a local cluster tried before giving up, and the error that makes one retry.
+LOCAL_START_ATTEMPTS = 2
+GCS_START_TIMEOUT = "Timed out waiting for file"
 # Processes that were children of this process before start() made a local cluster; None while
 # no local cluster runs here.
 _children_before_cluster: set[int] | None = None
+
+
+def start_local_cluster(num_cpus: float, num_gpus: int | None, runtime_env: dict) -> None:
+    """ray.init a local cluster, retrying when its GCS server does not come up in time.
+
+    On a loaded machine the GCS server has been seen to write no port file (and no log) within
+    ray.init's wait; a second start then works. Whatever the failed start left is stopped.
+    """
+    import ray
+
+    global _children_before_cluster
+    _children_before_cluster = {child.pid for child in psutil.Process().children(recursive=True)}
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        logger.info(
+            "starting a local Ray cluster with %g CPUs (attempt %d of %d)",
+            num_cpus,
+            attempt,
+            LOCAL_START_ATTEMPTS,
+        )
+        try:
+            ray.init(
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                include_dashboard=False,
+                runtime_env=runtime_env,
+            )
+            return
+        except RuntimeError as error:
+            if GCS_START_TIMEOUT not in str(error) or attempt == LOCAL_START_ATTEMPTS:
+                stop_local_processes()
+                raise
+            logger.warning("the local Ray cluster did not start: %s; retrying", error)
+            stop_local_processes()
+            _children_before_cluster = {
+                child.pid for child in psutil.Process().children(recursive=True)
+            }
+
+
+def stop_local_processes() -> None:
+    """ray.shutdown(), then wait for the processes of the local cluster started here to exit.
+
+    ray.shutdown() stops the head's processes but does not wait for the workers. Waiting keeps
+    a cluster started next on this machine from competing with a dying one; a process still
+    running after LOCAL_EXIT_TIMEOUT_S is killed.
+    """
+    import ray
+
+    global _children_before_cluster
+    before = _children_before_cluster or set()
+    cluster = [
+        child for child in psutil.Process().children(recursive=True) if child.pid not in before
+    ]
+    _children_before_cluster = None
+    ray.shutdown()
+    _, alive = psutil.wait_procs(cluster, timeout=LOCAL_EXIT_TIMEOUT_S)
+    for process in alive:
+        logger.warning(
+            "Ray process %d still running %g s after shutdown; killing it",
+            process.pid,
+            LOCAL_EXIT_TIMEOUT_S,
+        )
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    logger.info("local Ray cluster stopped (%d processes)", len(cluster))
 
 
 def start(args: AppArgs, options: ServeOptions) -> None:
@@ -139,17 +207,9 @@ def start(args: AppArgs, options: ServeOptions) -> None:
         # process's environment, so give them longer limits (a value set by the user wins).
         for name, seconds in LOCAL_SERVE_TIMEOUTS.items():
             os.environ.setdefault(name, seconds)
-        num_cpus = options.num_cpus or local_cluster_cpus(args)
-        logger.info("starting a local Ray cluster with %g CPUs", num_cpus)
-        global _children_before_cluster
-        _children_before_cluster = {
-            child.pid for child in psutil.Process().children(recursive=True)
-        }
-        ray.init(
-            num_cpus=num_cpus,
+        start_local_cluster(
+            num_cpus=options.num_cpus or local_cluster_cpus(args),
             num_gpus=local_cluster_gpus(args.device),
-            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-            include_dashboard=False,
             runtime_env=runtime_env,
         )
     else:
@@ -170,29 +230,10 @@ def shutdown() -> None:
     import ray
     from ray import serve
 
-    global _children_before_cluster
     if not ray.is_initialized():
         return
     serve.shutdown()
     if _children_before_cluster is None:
-        ray.shutdown()
+        ray.shutdown()  # a cluster this process only connected to keeps running
         return
-    # ray.shutdown() stops the head's processes but does not wait for the workers; wait here so
-    # that a cluster started next on this machine does not compete with a dying one.
-    cluster = [
-        child
-        for child in psutil.Process().children(recursive=True)
-        if child.pid not in _children_before_cluster
-    ]
-    _children_before_cluster = None
-    ray.shutdown()
-    _, alive = psutil.wait_procs(cluster, timeout=LOCAL_EXIT_TIMEOUT_S)
-    for process in alive:
-        logger.warning(
-            "Ray process %d still running %g s after shutdown; killing it",
-            process.pid,
-            LOCAL_EXIT_TIMEOUT_S,
-        )
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    logger.info("local Ray cluster stopped (%d processes)", len(cluster))
+    stop_local_processes()

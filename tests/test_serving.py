@@ -456,6 +456,50 @@ def test_client_cli_names_out_of_range_option(caplog, option, value, limit):
     assert f"{option} {value} is out of range; pass a value from 0 to {limit}" in caplog.text
 
 
+@pytest.mark.slow
+def test_local_cluster_start_retries_gcs_timeout(monkeypatch, caplog):
+    """A GCS server that writes no port file in time fails one start; the second start runs."""
+    import ray
+
+    from deployments import server
+
+    real_init = ray.init
+    calls = []
+
+    def init_failing_once(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise RuntimeError("Timed out waiting for file /tmp/ray/session_x/gcs_server_port_y")
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(ray, "init", init_failing_once)
+    server.start_local_cluster(num_cpus=1, num_gpus=0, runtime_env={})
+    try:
+        assert len(calls) == 2
+        assert ray.is_initialized()
+        assert "did not start: Timed out waiting for file" in caplog.text
+    finally:
+        server.shutdown()
+    assert not ray.is_initialized()
+
+
+def test_local_cluster_start_does_not_retry_other_errors(monkeypatch):
+    import ray
+
+    from deployments import server
+
+    calls = []
+
+    def init_failing(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("some other start failure")
+
+    monkeypatch.setattr(ray, "init", init_failing)
+    with pytest.raises(RuntimeError, match="some other start failure"):
+        server.start_local_cluster(num_cpus=1, num_gpus=0, runtime_env={})
+    assert len(calls) == 1
+
+
 def test_app_args_reject_tp_zero():
     with pytest.raises(ValueError, match="tp"):
         AppArgs(tp=0)
