@@ -298,3 +298,6 @@ def test_init_from_starts_from_a_draft(target, tmp_path):
     wider = TrainConfig(**{**base, "num_layers": 2}, init_from=str(tmp_path / "start"))
     with pytest.raises(ValueError, match="does not fit this run.*--layers"):
         DraftTrainer(target, sequences, wider, tmp_path / "d")
+    missing = TrainConfig(**base, init_from=str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=r"\(--init-from\) .*missing: no draft there"):
+        DraftTrainer(target, sequences, missing, tmp_path / "e")

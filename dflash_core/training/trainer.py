@@ -229,6 +229,11 @@ class DraftTrainer:
 
     def _load_initial_weights(self, folder: str) -> None:
         """Start from the weights of the draft in `folder`; its shapes must match this run's."""
+        if not (Path(folder) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"init_from (--init-from) {folder}: no draft there; pass a folder with "
+                "config.json and model.safetensors, such as a training run's --out folder"
+            )
         start = load_draft(folder)
         ours, theirs = self.model.state_dict(), start.state_dict()
         differ = sorted(
