@@ -136,15 +136,16 @@ def compact_request(request: DraftRequest) -> DraftRequest:
     pickling a slice sends the whole storage it views, once per row. Rows on a GPU are copied
     to the CPU (only the slice), because Ray sends CPU tensors between these processes.
     """
-    context = [
-        rows.cpu()
-        if rows.device.type != "cpu"
-        else rows
-        if rows.untyped_storage().nbytes() == rows.nbytes
-        else rows.clone()
-        for rows in request.context
-    ]
-    return replace(request, context=context)
+    return replace(request, context=[compact_rows(rows) for rows in request.context])
+
+
+def compact_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Return the rows as a CPU tensor that owns exactly its own storage."""
+    if rows.device.type != "cpu":
+        return rows.cpu()  # copies only the slice
+    if rows.untyped_storage().nbytes() == rows.nbytes:
+        return rows
+    return rows.clone()
 
 
 def estimate_message_bytes(num_rows: int, num_tokens: int, context_bytes: int) -> int:
@@ -483,8 +484,8 @@ def start_drafter_actor(
     step, None waits until the actor returns or dies. `input_buffer_bytes` overrides the
     compiled graph's input channel size (see `channel_buffer_bytes`). The draft weights and the
     embedding table are pickled to the actor once, here. Call `close()` on the result before
-    the engine goes away. With `num_gpus` the actor reserves a GPU and runs the draft there;
-    the draft and the embedding table are sent as CPU copies, and `draft` is left unchanged.
+    the engine goes away. With `num_gpus` the actor reserves a GPU and runs the draft there.
+    The draft and the embedding table are sent as CPU copies, so `draft` stays unchanged.
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown drafter transport {transport!r}; use one of {TRANSPORTS}")

@@ -152,8 +152,8 @@ def load_engine(
     # With tp > 1 the whole target is loaded on the CPU and only the shards move to the GPUs.
     load_device = config.device if config.tp == 1 else "cpu"
     target = load_target_and_tokenizer(config.model, config.dtype, load_device)
-    # The placement group has a drafter bundle whenever the config asks for a drafter actor,
-    # even if `draft="auto"` finds no shipped draft; the verifier bundles come after it.
+    # The placement group has a drafter bundle whenever the config requests a drafter actor,
+    # even if `draft="auto"` finds no shipped draft. The verifier bundles come after it.
     separate_drafter = not config.colocated and config.draft is not None
     draft = None
     if config.draft is not None:

@@ -127,8 +127,8 @@ def start_local_cluster(num_cpus: float, num_gpus: int | None, runtime_env: dict
 
     On a loaded machine the GCS server was seen twice to write no port file (and no log) within
     ray.init's wait. Whatever the failed start left is stopped before the next start.
-    NOTE: the cause was not found, and a retry after a real failure of this kind has not been
-    observed yet; the retry itself is tested with an injected failure.
+    NOTE: the cause is unknown, and no retry after a real failure of this kind has been seen.
+    The retry is tested with an injected failure only.
     """
     import ray
 

@@ -108,7 +108,7 @@ def draft_blocks_forward(
 def accepted_draft_tokens(correct: torch.Tensor) -> torch.Tensor:
     """Return, per block, the proposals a greedy verify step would accept.
 
-    `correct` is [A, B] with slot 0 (the known anchor token) ignored; a block's count is the
+    `correct` is [A, B], and slot 0 (the known anchor token) is ignored. A block's count is the
     number of slots from 1 on that are correct before the first wrong one.
     """
     return correct[:, 1:].long().cumprod(1).sum(1)

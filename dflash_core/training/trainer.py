@@ -253,8 +253,10 @@ class DraftTrainer:
     def sequence_loss(
         self, index: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (weighted loss sum, weight sum, hits [B] and counts [B] stacked, accepted
-        [A]) for a sequence; accepted counts each block's slots hit before its first miss."""
+        """Return a sequence's weighted loss sum, weight sum, hits and counts [2, B], and accepted.
+
+        `accepted` [A] counts, per block, the slots predicted right before the first miss.
+        """
         seq = self.sequences[index]
         block_size = self.config.block_size
         tokens = torch.tensor(seq.token_ids)
