@@ -70,9 +70,19 @@ def run_datagen(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     target = load_target_and_tokenizer(args.target, device=args.device)
-    data = Path(args.data)
-    data_file = data / RESPONSES_FILE if data.is_dir() else data
-    sequences = read_sequences(data_file, args.max_len)
+    data_files = []
+    for name in args.data.split(","):
+        data = Path(name)
+        data_file = data / RESPONSES_FILE if data.is_dir() else data
+        if not data_file.is_file():
+            raise FileNotFoundError(
+                f"--data {name}: no {data_file}; pass a `dflash datagen --out` folder or the "
+                f"{RESPONSES_FILE} in it"
+            )
+        data_files.append(data_file)
+    sequences = []
+    for data_file in data_files:
+        sequences += read_sequences(data_file, args.max_len, features_dir=data_file.parent)
     config = TrainConfig(
         num_layers=args.layers,
         block_size=args.block_size,
@@ -90,8 +100,9 @@ def run_train(args: argparse.Namespace) -> int:
         precision=args.precision,
         init_from=args.init_from,
     )
-    logger.info("training on %d sequences from %s: %s", len(sequences), data_file, config)
-    trainer = DraftTrainer(target.model, sequences, config, args.out, features_dir=data_file.parent)
+    data_names = ", ".join(str(data_file) for data_file in data_files)
+    logger.info("training on %d sequences from %s: %s", len(sequences), data_names, config)
+    trainer = DraftTrainer(target.model, sequences, config, args.out)
     summary = trainer.train(stop_at_step=args.stop_at_step)
     if trainer.step < trainer.total_steps:
         logger.info(
@@ -102,7 +113,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     summary["command"] = "dflash " + shlex.join(sys.argv[1:])
     summary["target"] = str(target.folder)
-    summary["data"] = str(data_file)
+    summary["data"] = data_names
     write_model_card(Path(args.out), summary)
     return 0
 
@@ -217,7 +228,11 @@ def register(commands: argparse._SubParsersAction, add_model_arguments) -> None:
 
     train = commands.add_parser("train", help="train a DFlash draft for a target")
     train.add_argument("--target", default=DEFAULT_MODEL, help="target model spec")
-    train.add_argument("--data", required=True, help=f"datagen folder or its {RESPONSES_FILE}")
+    train.add_argument(
+        "--data",
+        required=True,
+        help=f"datagen folder or its {RESPONSES_FILE}; a comma list trains on all of them",
+    )
     train.add_argument("--out", required=True, help="checkpoint folder (resumes if present)")
     train.add_argument("--layers", type=int, default=DEFAULTS.num_layers, help="draft layers")
     train.add_argument("--block-size", type=int, default=DEFAULTS.block_size, help="block size")

@@ -240,6 +240,38 @@ def test_grown_data_taps_only_new_records(target, tmp_path, monkeypatch):
         assert torch.equal(got, want)
 
 
+def test_data_folders_sharing_record_ids_keep_their_own_states(target, tmp_path):
+    # Two datagen runs over the same prompts (say greedy and sampled) reuse the record ids.
+    write_data(target, tmp_path / "short" / "data.jsonl", count=3, max_new_tokens=10)
+    write_data(target, tmp_path / "long" / "data.jsonl", count=3, max_new_tokens=30)
+    sequences = []
+    for name in ("short", "long"):
+        folder = tmp_path / name
+        sequences += read_sequences(folder / "data.jsonl", max_len=64, features_dir=folder)
+    assert sequences[0].record_id == sequences[3].record_id
+    config = TrainConfig(
+        num_layers=1, block_size=4, num_tapped_layers=1, epochs=1, sequences_per_step=3
+    )
+    trainer = DraftTrainer(target, sequences, config, tmp_path / "out")
+    trainer.train()
+    layer_ids = trainer.model.config.target_layer_ids
+    for name in ("short", "long"):
+        assert features_file(tmp_path / name, layer_ids).is_file()
+    assert not features_file(tmp_path / "out", layer_ids).exists()
+    expected = tap_target(target, sequences, layer_ids)
+    for got, want in zip(trainer.features, expected):
+        assert torch.equal(got, want)
+
+
+def test_repeated_record_id_in_one_folder_is_rejected(target, tmp_path):
+    write_data(target, tmp_path / "data.jsonl", count=2)
+    sequences = read_sequences(tmp_path / "data.jsonl", max_len=64, features_dir=tmp_path)
+    config = TrainConfig(num_layers=1, block_size=4, num_tapped_layers=1, epochs=1)
+    trainer = DraftTrainer(target, sequences + sequences[:1], config, tmp_path / "out")
+    with pytest.raises(ValueError, match="record id 'toy/0' appears twice"):
+        trainer.train()
+
+
 def test_data_vocab_matches_full_head_rows(target, tmp_path):
     data = tmp_path / "data.jsonl"
     write_data(target, data, count=4)

@@ -94,6 +94,8 @@ class TrainingSequence:
     record_id: str
     token_ids: list[int]  # prompt followed by the target's response
     response_start: int
+    # The folder whose cache file holds this sequence's target states (None: the trainer's).
+    features_dir: Path | None = None
 
 
 @dataclass
@@ -115,8 +117,15 @@ def sequence_key(seq: TrainingSequence) -> tuple[int, int]:
     return len(seq.token_ids), hash(tuple(seq.token_ids))
 
 
-def read_sequences(path: str | Path, max_len: int) -> list[TrainingSequence]:
-    """Read generated data (JSONL with prompt_ids and response_ids), cut to max_len tokens."""
+def read_sequences(
+    path: str | Path, max_len: int, features_dir: str | Path | None = None
+) -> list[TrainingSequence]:
+    """Read generated data (JSONL with prompt_ids and response_ids), cut to max_len tokens.
+
+    `features_dir` names the folder that caches these sequences' target states; by default the
+    trainer's `features_dir`.
+    """
+    folder = Path(features_dir) if features_dir is not None else None
     sequences = []
     with open(path, encoding="utf-8") as handle:
         for line in handle:
@@ -124,7 +133,7 @@ def read_sequences(path: str | Path, max_len: int) -> list[TrainingSequence]:
             ids = (record["prompt_ids"] + record["response_ids"])[:max_len]
             start = len(record["prompt_ids"])
             if len(ids) - start >= 2:
-                sequences.append(TrainingSequence(record["record_id"], ids, start))
+                sequences.append(TrainingSequence(record["record_id"], ids, start, folder))
     if not sequences:
         raise ValueError(f"no usable training sequences in {path}")
     return sequences
@@ -375,21 +384,44 @@ class DraftTrainer:
         return StepStats(loss.item(), accuracy, 1.0 + accepted / max(1, blocks))
 
     def _load_or_tap_features(self) -> list[torch.Tensor]:
-        """Read cached target states; tap the target only for records the cache lacks."""
+        """Read each data folder's cached target states; tap only what a cache lacks."""
+        groups: dict[Path, list[int]] = {}
+        for index, seq in enumerate(self.sequences):
+            groups.setdefault(seq.features_dir or self.features_dir, []).append(index)
+        features: list[torch.Tensor] = [torch.empty(0)] * len(self.sequences)
+        for folder, indices in groups.items():
+            states = self._folder_features(folder, [self.sequences[i] for i in indices])
+            for index, state in zip(indices, states):
+                features[index] = state
+        return features
+
+    def _folder_features(
+        self, folder: Path, sequences: list[TrainingSequence]
+    ) -> list[torch.Tensor]:
+        """Return the target states of sequences whose cache file is in `folder`."""
+        seen: set[str] = set()
+        for seq in sequences:
+            if seq.record_id in seen:
+                raise ValueError(
+                    f"record id {seq.record_id!r} appears twice in the data cached in {folder}; "
+                    "target states are cached by record id, so give each data file its own "
+                    "folder (one datagen --out folder per run) and pass the folders to --data"
+                )
+            seen.add(seq.record_id)
         layer_ids = self.model.config.target_layer_ids
-        path = features_file(self.features_dir, layer_ids)
+        path = features_file(folder, layer_ids)
         cached: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
         if path.is_file():
             cached = torch.load(path, weights_only=False)["records"]
         missing = [
             seq
-            for seq in self.sequences
+            for seq in sequences
             if seq.record_id not in cached or cached[seq.record_id][0] != sequence_key(seq)
         ]
         logger.info(
             "target hidden states: %d of %d sequences cached in %s",
-            len(self.sequences) - len(missing),
-            len(self.sequences),
+            len(sequences) - len(missing),
+            len(sequences),
             path,
         )
         if missing:
@@ -397,7 +429,7 @@ class DraftTrainer:
                 cached[seq.record_id] = (sequence_key(seq), states)
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"layer_ids": list(layer_ids), "records": cached}, path)
-        return [cached[seq.record_id][1] for seq in self.sequences]
+        return [cached[seq.record_id][1] for seq in sequences]
 
     def _save_checkpoint(self) -> None:
         folder = self.out_dir / CHECKPOINT_DIR
