@@ -22,13 +22,13 @@ from dflash_core.pipeline import (
     load_target_and_tokenizer,
 )
 from dflash_core.sampling import PROPOSAL_MODES, SamplingParams
+from dflash_core.training.data import read_sequences
 from dflash_core.training.datagen import generate_responses
 from dflash_core.training.trainer import (
     PRECISIONS,
     TRAIN_VOCABS,
     DraftTrainer,
     TrainConfig,
-    read_sequences,
 )
 
 logger = logging.getLogger("dflash")
@@ -99,6 +99,8 @@ def run_train(args: argparse.Namespace) -> int:
         train_vocab=args.train_vocab,
         precision=args.precision,
         init_from=args.init_from,
+        distill_weight=args.distill_weight,
+        distill_top_k=args.distill_top_k,
     )
     data_names = ", ".join(str(data_file) for data_file in data_files)
     logger.info("training on %d sequences from %s: %s", len(sequences), data_names, config)
@@ -288,6 +290,20 @@ def register(commands: argparse._SubParsersAction, add_model_arguments) -> None:
         default=DEFAULTS.precision,
         help="bfloat16 runs the forward pass under bf16 autocast, about 1.5x faster on CPUs "
         "with AVX-512 BF16 and on GPUs (default: float32)",
+    )
+    train.add_argument(
+        "--distill-weight",
+        type=float,
+        default=DEFAULTS.distill_weight,
+        help="weight from 0 to 1 of a loss against the target's own top-k next-token "
+        "distribution; the rest goes to the data's token (default 0: the data's token only)",
+    )
+    train.add_argument(
+        "--distill-top-k",
+        type=int,
+        default=DEFAULTS.distill_top_k,
+        help=f"target tokens kept per position for --distill-weight (default "
+        f"{DEFAULTS.distill_top_k}); cached next to the data",
     )
     train.add_argument(
         "--init-from",

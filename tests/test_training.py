@@ -7,6 +7,7 @@ from dflash_core.checkpoint import load_draft, save_draft
 from dflash_core.drafting import DFlashDrafter, DraftRequest
 from dflash_core.engine import SpeculativeEngine
 from dflash_core.sampling import SamplingParams
+from dflash_core.training import target_states
 from dflash_core.training.blocks import (
     accepted_draft_tokens,
     block_attention_mask,
@@ -15,14 +16,10 @@ from dflash_core.training.blocks import (
     sample_anchors,
     slot_weights,
 )
+from dflash_core.training.data import read_sequences
 from dflash_core.training.datagen import done_record_ids, generate_responses
-from dflash_core.training.trainer import (
-    DraftTrainer,
-    TrainConfig,
-    features_file,
-    read_sequences,
-    tap_target,
-)
+from dflash_core.training.target_states import features_file, tap_target, teacher_file
+from dflash_core.training.trainer import DraftTrainer, TrainConfig
 from tests.helpers import VOCAB, assert_close, random_target
 
 
@@ -205,7 +202,7 @@ def test_resumed_run_reads_cached_target_states(target, tmp_path, monkeypatch):
     def no_target_pass(*args, **kwargs):
         raise AssertionError("the cached target states should have been read")
 
-    monkeypatch.setattr("dflash_core.training.trainer.tap_target", no_target_pass)
+    monkeypatch.setattr("dflash_core.training.target_states.run_target", no_target_pass)
     resumed = DraftTrainer(target, sequences, config, tmp_path / "out")
     resumed.train()
     assert resumed.step == 4
@@ -227,11 +224,13 @@ def test_grown_data_taps_only_new_records(target, tmp_path, monkeypatch):
     first.train()
     tapped = []
 
-    def counting_tap(model, seqs, layer_ids):
-        tapped.extend(seq.record_id for seq in seqs)
-        return tap_target(model, seqs, layer_ids)
+    real_run = target_states.run_target
 
-    monkeypatch.setattr("dflash_core.training.trainer.tap_target", counting_tap)
+    def counting_run(model, seqs, layer_ids, top_k=0):
+        tapped.extend(seq.record_id for seq in seqs)
+        return real_run(model, seqs, layer_ids, top_k)
+
+    monkeypatch.setattr(target_states, "run_target", counting_run)
     second = DraftTrainer(target, sequences, config, tmp_path / "b", features_dir=tmp_path)
     second.train()
     assert tapped == [seq.record_id for seq in sequences[4:]]
@@ -270,6 +269,56 @@ def test_repeated_record_id_in_one_folder_is_rejected(target, tmp_path):
     trainer = DraftTrainer(target, sequences + sequences[:1], config, tmp_path / "out")
     with pytest.raises(ValueError, match="record id 'toy/0' appears twice"):
         trainer.train()
+
+
+def test_teacher_cache_holds_target_top_k(target, tmp_path):
+    write_data(target, tmp_path / "data.jsonl", count=2)
+    sequences = read_sequences(tmp_path / "data.jsonl", max_len=64)
+    config = TrainConfig(
+        num_layers=1,
+        block_size=4,
+        num_tapped_layers=1,
+        epochs=1,
+        distill_weight=0.5,
+        distill_top_k=5,
+    )
+    trainer = DraftTrainer(target, sequences, config, tmp_path / "out")
+    trainer.train()
+    assert teacher_file(tmp_path / "out", 5).is_file()
+    ids = torch.tensor([sequences[1].token_ids])
+    out = target(ids, target.new_cache(1, ids.shape[1]), torch.tensor([0]))
+    expected = target.logits(out.hidden[0]).softmax(-1).topk(5, dim=-1)
+    top_ids, top_probs = trainer.teacher[1]
+    assert torch.equal(top_ids.long(), expected.indices)
+    assert_close(top_probs.float(), expected.values, 1e-3, "top-k probabilities")
+
+
+def test_top1_teacher_on_greedy_data_equals_labels(target, tmp_path):
+    # On greedy responses each token is the target's top-1 pick, so a top-1 teacher is the
+    # data's token and the soft loss equals the plain cross-entropy.
+    write_data(target, tmp_path / "data.jsonl", count=3)
+    sequences = read_sequences(tmp_path / "data.jsonl", max_len=64)
+    losses = []
+    for weight in (0.0, 1.0):
+        config = TrainConfig(
+            num_layers=1,
+            block_size=4,
+            num_tapped_layers=1,
+            anchors_per_sequence=8,
+            distill_weight=weight,
+            distill_top_k=1,
+        )
+        trainer = DraftTrainer(target, sequences, config, tmp_path / f"out{weight}")
+        trainer._load_target_states()
+        gen = torch.Generator().manual_seed(0)
+        losses.append([trainer.sequence_loss(i, gen)[0].item() for i in range(3)])
+    assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), 1e-5, "losses")
+
+
+@pytest.mark.parametrize(("field", "value"), [("distill_weight", 1.5), ("distill_top_k", 0)])
+def test_invalid_distillation_option_is_rejected(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
 
 
 def test_data_vocab_matches_full_head_rows(target, tmp_path):

@@ -1,10 +1,7 @@
 """Train a DFlash draft for a frozen target on target-generated responses.
 
-Target hidden states are computed once per sequence before the first epoch, kept in memory and
-cached on disk (bf16) next to the data, one entry per record. The target is frozen, so they
-never change. Recomputing them would cost a full target forward per sequence for every epoch,
-resume or new training run, and a run on grown data taps only the new records.
-Anchors are re-drawn every epoch.
+Target hidden states are computed once per sequence before the first epoch and cached next to
+the data (see target_states.py). Anchors are re-drawn every epoch.
 
 `precision="bfloat16"` runs the forward pass under bf16 autocast (weights and
 optimizer state stay float32): measured 1.45 s against 2.15 s per step on a 2-core AVX-512 BF16
@@ -16,6 +13,11 @@ The loss normally scores the draft over the tokens that occur in the training da
 than the rest of the step, while the data of one target uses a few thousand distinct tokens.
 The draft checkpoint keeps that token list and proposes only those tokens at inference, which
 also makes its LM head cheap there; `train_vocab="full"` trains and drafts over every token.
+
+`distill_weight` > 0 mixes a soft-label loss into each slot's cross-entropy: the target's own
+top-k distribution for that token (renormalised over the draft's vocabulary) as the label. It
+carries more per token than the one token in the data, and for sampled responses its argmax,
+which greedy verification checks against, is the target's pick rather than the sampled token.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from dflash_core.training.blocks import (
     sample_anchors,
     slot_weights,
 )
+from dflash_core.training.data import TrainingSequence
+from dflash_core.training.target_states import load_or_run_target
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +83,9 @@ class TrainConfig:
     train_vocab: str = "data"  # "data": loss over the tokens in the data; "full": all tokens
     precision: str = "float32"  # "bfloat16": forward pass under bf16 autocast
     init_from: str | None = None  # draft folder whose weights start the run
+    # Weight of the soft-label loss against the target's top-k distribution (0: labels only).
+    distill_weight: float = 0.0
+    distill_top_k: int = 32
 
     def __post_init__(self) -> None:
         if self.train_vocab not in TRAIN_VOCABS:
@@ -87,15 +94,15 @@ class TrainConfig:
             )
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-
-
-@dataclass(frozen=True)
-class TrainingSequence:
-    record_id: str
-    token_ids: list[int]  # prompt followed by the target's response
-    response_start: int
-    # The folder whose cache file holds this sequence's target states (None: the trainer's).
-    features_dir: Path | None = None
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(
+                f"distill_weight {self.distill_weight} is out of range; pass a value from 0 "
+                "(labels only) to 1 (the target's distribution only)"
+            )
+        if self.distill_top_k < 1:
+            raise ValueError(
+                f"distill_top_k {self.distill_top_k} is too small; pass 1 or more tokens"
+            )
 
 
 @dataclass
@@ -105,53 +112,6 @@ class StepStats:
     # Mean over the step's blocks of 1 + the slots hit before the first miss: the tokens a
     # greedy verify step would commit with these proposals (tau, measured on training data).
     acceptance_length: float = float("nan")
-
-
-def features_file(folder: str | Path, layer_ids: tuple[int, ...]) -> Path:
-    """Return the file that caches a data folder's tapped target states for these layers."""
-    return Path(folder) / f"target_states_{'-'.join(str(i) for i in layer_ids)}.pt"
-
-
-def sequence_key(seq: TrainingSequence) -> tuple[int, int]:
-    """Return the length and checksum of a sequence's tokens; a cache entry must match both."""
-    return len(seq.token_ids), hash(tuple(seq.token_ids))
-
-
-def read_sequences(
-    path: str | Path, max_len: int, features_dir: str | Path | None = None
-) -> list[TrainingSequence]:
-    """Read generated data (JSONL with prompt_ids and response_ids), cut to max_len tokens.
-
-    `features_dir` names the folder that caches these sequences' target states; by default the
-    trainer's `features_dir`.
-    """
-    folder = Path(features_dir) if features_dir is not None else None
-    sequences = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            record = json.loads(line)
-            ids = (record["prompt_ids"] + record["response_ids"])[:max_len]
-            start = len(record["prompt_ids"])
-            if len(ids) - start >= 2:
-                sequences.append(TrainingSequence(record["record_id"], ids, start, folder))
-    if not sequences:
-        raise ValueError(f"no usable training sequences in {path}")
-    return sequences
-
-
-@torch.inference_mode()
-def tap_target(
-    target: TargetModel, sequences: list[TrainingSequence], layer_ids: tuple[int, ...]
-) -> list[torch.Tensor]:
-    """Return tapped target states [T, n * hidden] (bf16, on the CPU) for every sequence."""
-    features = []
-    device = target.device
-    for seq in tqdm(sequences, desc="target hidden states", unit="seq"):
-        cache = target.new_cache(1, len(seq.token_ids))
-        ids = torch.tensor([seq.token_ids], device=device)
-        out = target(ids, cache, torch.tensor([0], device=device), layer_ids)
-        features.append(out.tapped[0].to(torch.bfloat16).cpu())
-    return features
 
 
 def training_hardware(device: torch.device) -> str:
@@ -233,6 +193,8 @@ class DraftTrainer:
         )
         self.step = 0
         self.features: list[torch.Tensor] = []
+        # Per sequence: the target's top-k ids and probabilities (filled when distilling).
+        self.teacher: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # ---- one sequence ----------------------------------------------------------------------
 
@@ -292,6 +254,10 @@ class DraftTrainer:
         losses = F.cross_entropy(
             logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
         ).view(len(anchors), block_size)
+        if self.config.distill_weight > 0:
+            soft = self._teacher_loss(index, positions, logits.flatten(0, 1))
+            weight = self.config.distill_weight
+            losses = (1.0 - weight) * losses + weight * soft.view(len(anchors), block_size)
         valid = labels != -100
         weights = self.weights[None, :] * valid
         correct = (logits.argmax(-1) == labels) & valid
@@ -301,6 +267,23 @@ class DraftTrainer:
             torch.stack([correct.sum(0), valid.sum(0)]),
             accepted_draft_tokens(correct),
         )
+
+    def _teacher_loss(
+        self, index: int, positions: torch.Tensor, logits: torch.Tensor
+    ) -> torch.Tensor:
+        """Return the cross-entropy [A * B] of logits against the target's top-k distributions.
+
+        `positions` [A * B] are the token positions the slots predict; the target's distribution
+        of token p sits in row p - 1. Teacher tokens outside the draft vocabulary are dropped
+        and the rest renormalised.
+        """
+        top_ids, top_probs = self.teacher[index]
+        rows = (positions - 1).clamp(0, len(top_ids) - 1).cpu()
+        draft_rows = self.label_rows[top_ids[rows].to(self.device).long()]  # [A * B, K]
+        probs = torch.where(draft_rows >= 0, top_probs[rows].to(self.device).float(), 0.0)
+        probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-6)
+        log_probs = logits.float().log_softmax(-1).gather(-1, draft_rows.clamp_min(0))
+        return -(probs * log_probs).sum(-1)
 
     # ---- loop ------------------------------------------------------------------------------
 
@@ -312,7 +295,7 @@ class DraftTrainer:
         began = time.perf_counter()
         self._resume()
         if not self.features:
-            self.features = self._load_or_tap_features()
+            self._load_target_states()
         config = self.config
         progress = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step")
         last = StepStats(float("nan"), [])
@@ -383,53 +366,27 @@ class DraftTrainer:
         accuracy = (counts[0, 1:] / counts[1, 1:].clamp_min(1)).tolist()
         return StepStats(loss.item(), accuracy, 1.0 + accepted / max(1, blocks))
 
-    def _load_or_tap_features(self) -> list[torch.Tensor]:
-        """Read each data folder's cached target states; tap only what a cache lacks."""
+    def _load_target_states(self) -> None:
+        """Fill features (and teacher) from each data folder's caches, running the target for
+        what they lack."""
+        top_k = self.config.distill_top_k if self.config.distill_weight > 0 else 0
         groups: dict[Path, list[int]] = {}
         for index, seq in enumerate(self.sequences):
             groups.setdefault(seq.features_dir or self.features_dir, []).append(index)
-        features: list[torch.Tensor] = [torch.empty(0)] * len(self.sequences)
+        states = [None] * len(self.sequences)
         for folder, indices in groups.items():
-            states = self._folder_features(folder, [self.sequences[i] for i in indices])
-            for index, state in zip(indices, states):
-                features[index] = state
-        return features
-
-    def _folder_features(
-        self, folder: Path, sequences: list[TrainingSequence]
-    ) -> list[torch.Tensor]:
-        """Return the target states of sequences whose cache file is in `folder`."""
-        seen: set[str] = set()
-        for seq in sequences:
-            if seq.record_id in seen:
-                raise ValueError(
-                    f"record id {seq.record_id!r} appears twice in the data cached in {folder}; "
-                    "target states are cached by record id, so give each data file its own "
-                    "folder (one datagen --out folder per run) and pass the folders to --data"
-                )
-            seen.add(seq.record_id)
-        layer_ids = self.model.config.target_layer_ids
-        path = features_file(folder, layer_ids)
-        cached: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
-        if path.is_file():
-            cached = torch.load(path, weights_only=False)["records"]
-        missing = [
-            seq
-            for seq in sequences
-            if seq.record_id not in cached or cached[seq.record_id][0] != sequence_key(seq)
-        ]
-        logger.info(
-            "target hidden states: %d of %d sequences cached in %s",
-            len(sequences) - len(missing),
-            len(sequences),
-            path,
-        )
-        if missing:
-            for seq, states in zip(missing, tap_target(self.target, missing, layer_ids)):
-                cached[seq.record_id] = (sequence_key(seq), states)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"layer_ids": list(layer_ids), "records": cached}, path)
-        return [cached[seq.record_id][1] for seq in sequences]
+            found = load_or_run_target(
+                self.target,
+                folder,
+                [self.sequences[i] for i in indices],
+                self.model.config.target_layer_ids,
+                top_k,
+            )
+            for index, result in zip(indices, found):
+                states[index] = result
+        self.features = [result.tapped for result in states]
+        if top_k:
+            self.teacher = [(result.top_ids, result.top_probs) for result in states]
 
     def _save_checkpoint(self) -> None:
         folder = self.out_dir / CHECKPOINT_DIR

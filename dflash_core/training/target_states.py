@@ -1,0 +1,138 @@
+"""One pass of the frozen target over each training sequence, cached next to the data.
+
+The pass yields the tapped hidden states the draft reads and, when distillation is on, the
+target's top-k next-token distribution at every position. Both are computed once per sequence,
+kept in memory and cached on disk, one entry per record id and one file per data folder. The
+target is frozen, so they never change. Recomputing them would cost a full target forward per
+sequence for every epoch, resume or new training run, and a run on grown data runs the target
+only on the new records.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dflash_core.target import TargetModel
+from dflash_core.training.data import TrainingSequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TargetStates:
+    tapped: torch.Tensor  # [seq_len, n * hidden] bf16 on the CPU
+    # The target's top_k likeliest tokens after each position ([seq_len, top_k] int32) and their
+    # probabilities at temperature 1 ([seq_len, top_k] float16); None without distillation.
+    top_ids: torch.Tensor | None = None
+    top_probs: torch.Tensor | None = None
+
+
+def features_file(folder: str | Path, layer_ids: tuple[int, ...]) -> Path:
+    """Return the file that caches a data folder's tapped target states for these layers."""
+    return Path(folder) / f"target_states_{'-'.join(str(i) for i in layer_ids)}.pt"
+
+
+def teacher_file(folder: str | Path, top_k: int) -> Path:
+    """Return the file that caches a data folder's top-k target distributions."""
+    return Path(folder) / f"target_top{top_k}.pt"
+
+
+def sequence_key(seq: TrainingSequence) -> tuple[int, int]:
+    """Return the length and checksum of a sequence's tokens; a cache entry must match both."""
+    return len(seq.token_ids), hash(tuple(seq.token_ids))
+
+
+@torch.inference_mode()
+def run_target(
+    target: TargetModel,
+    sequences: list[TrainingSequence],
+    layer_ids: tuple[int, ...],
+    top_k: int = 0,
+) -> list[TargetStates]:
+    """Run the target over every sequence; top_k > 0 also keeps its top-k distributions."""
+    results = []
+    device = target.device
+    for seq in tqdm(sequences, desc="target hidden states", unit="seq"):
+        cache = target.new_cache(1, len(seq.token_ids))
+        ids = torch.tensor([seq.token_ids], device=device)
+        out = target(ids, cache, torch.tensor([0], device=device), layer_ids)
+        tapped = out.tapped[0].to(torch.bfloat16).cpu()
+        if top_k == 0:
+            results.append(TargetStates(tapped))
+            continue
+        probs = target.logits(out.hidden[0]).softmax(-1)  # [seq_len, vocab] fp32
+        top = probs.topk(top_k, dim=-1)
+        results.append(TargetStates(tapped, top.indices.int().cpu(), top.values.half().cpu()))
+    return results
+
+
+def tap_target(
+    target: TargetModel, sequences: list[TrainingSequence], layer_ids: tuple[int, ...]
+) -> list[torch.Tensor]:
+    """Return tapped target states [T, n * hidden] (bf16, on the CPU) for every sequence."""
+    return [states.tapped for states in run_target(target, sequences, layer_ids)]
+
+
+def _read_cache(path: Path) -> dict:
+    return torch.load(path, weights_only=False)["records"] if path.is_file() else {}
+
+
+def load_or_run_target(
+    target: TargetModel,
+    folder: Path,
+    sequences: list[TrainingSequence],
+    layer_ids: tuple[int, ...],
+    top_k: int = 0,
+) -> list[TargetStates]:
+    """Return the target states of sequences cached in `folder`, running the target only for
+    the records a cache file lacks (or holds for other tokens)."""
+    seen: set[str] = set()
+    for seq in sequences:
+        if seq.record_id in seen:
+            raise ValueError(
+                f"record id {seq.record_id!r} appears twice in the data cached in {folder}; "
+                "target states are cached by record id, so give each data file its own "
+                "folder (one datagen --out folder per run) and pass the folders to --data"
+            )
+        seen.add(seq.record_id)
+
+    states_path = features_file(folder, layer_ids)
+    tapped = _read_cache(states_path)
+    teacher_path = teacher_file(folder, top_k)
+    teacher = _read_cache(teacher_path) if top_k else {}
+
+    def cached(cache: dict, seq: TrainingSequence) -> bool:
+        return seq.record_id in cache and cache[seq.record_id][0] == sequence_key(seq)
+
+    missing = [
+        seq for seq in sequences if not cached(tapped, seq) or (top_k and not cached(teacher, seq))
+    ]
+    logger.info(
+        "target states: %d of %d sequences cached in %s",
+        len(sequences) - len(missing),
+        len(sequences),
+        folder,
+    )
+    if missing:
+        for seq, result in zip(missing, run_target(target, missing, layer_ids, top_k)):
+            tapped[seq.record_id] = (sequence_key(seq), result.tapped)
+            if top_k:
+                teacher[seq.record_id] = (sequence_key(seq), result.top_ids, result.top_probs)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"layer_ids": list(layer_ids), "records": tapped}, states_path)
+        if top_k:
+            torch.save({"top_k": top_k, "records": teacher}, teacher_path)
+
+    results = []
+    for seq in sequences:
+        if top_k:
+            _, top_ids, top_probs = teacher[seq.record_id]
+            results.append(TargetStates(tapped[seq.record_id][1], top_ids, top_probs))
+        else:
+            results.append(TargetStates(tapped[seq.record_id][1]))
+    return results
