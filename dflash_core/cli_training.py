@@ -68,18 +68,25 @@ def run_datagen(args: argparse.Namespace) -> int:
     return 0
 
 
+def find_data_file(data: Path) -> Path:
+    """Return the responses file a --data entry names: a file, or a folder's responses.jsonl
+    (or responses.jsonl.gz)."""
+    if data.is_file():
+        return data
+    for name in (RESPONSES_FILE, RESPONSES_FILE + ".gz"):
+        if (data / name).is_file():
+            return data / name
+    raise FileNotFoundError(
+        f"--data {data}: no such file, and no {RESPONSES_FILE} or {RESPONSES_FILE}.gz in it; "
+        "pass a `dflash datagen --out` folder or a responses file"
+    )
+
+
 def run_train(args: argparse.Namespace) -> int:
     target = load_target_and_tokenizer(args.target, device=args.device)
     data_files = []
     for name in args.data.split(","):
-        data = Path(name)
-        data_file = data / RESPONSES_FILE if data.is_dir() else data
-        if not data_file.is_file():
-            raise FileNotFoundError(
-                f"--data {name}: no {data_file}; pass a `dflash datagen --out` folder or the "
-                f"{RESPONSES_FILE} in it"
-            )
-        data_files.append(data_file)
+        data_files.append(find_data_file(Path(name)))
     sequences = []
     for data_file in data_files:
         sequences += read_sequences(data_file, args.max_len, features_dir=data_file.parent)
@@ -233,7 +240,8 @@ def register(commands: argparse._SubParsersAction, add_model_arguments) -> None:
     train.add_argument(
         "--data",
         required=True,
-        help=f"datagen folder or its {RESPONSES_FILE}; a comma list trains on all of them",
+        help=f"datagen folder or a responses file ({RESPONSES_FILE}, or .gz); a comma list "
+        "trains on all of them",
     )
     train.add_argument("--out", required=True, help="checkpoint folder (resumes if present)")
     train.add_argument("--layers", type=int, default=DEFAULTS.num_layers, help="draft layers")

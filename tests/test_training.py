@@ -1,9 +1,11 @@
+import gzip
 import json
 
 import pytest
 import torch
 
 from dflash_core.checkpoint import load_draft, save_draft
+from dflash_core.cli_training import find_data_file
 from dflash_core.drafting import DFlashDrafter, DraftRequest
 from dflash_core.engine import SpeculativeEngine
 from dflash_core.sampling import SamplingParams
@@ -319,6 +321,19 @@ def test_top1_teacher_on_greedy_data_equals_labels(target, tmp_path):
 def test_invalid_distillation_option_is_rejected(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
+
+
+def test_gzipped_data_reads_like_plain(target, tmp_path):
+    plain = tmp_path / "plain" / "responses.jsonl"
+    write_data(target, plain, count=3)
+    packed = tmp_path / "packed" / "responses.jsonl.gz"
+    packed.parent.mkdir()
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert find_data_file(tmp_path / "packed") == packed
+    assert find_data_file(tmp_path / "plain") == plain
+    assert read_sequences(packed, max_len=64) == read_sequences(plain, max_len=64)
+    with pytest.raises(FileNotFoundError, match="--data .*empty: no such file"):
+        find_data_file(tmp_path / "empty")
 
 
 def test_data_vocab_matches_full_head_rows(target, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +22,15 @@ def read_sequences(
 ) -> list[TrainingSequence]:
     """Read generated data (JSONL with prompt_ids and response_ids), cut to max_len tokens.
 
+    A path ending in .gz is read as gzip-compressed JSONL.
+
     `features_dir` names the folder that caches these sequences' target states; by default the
     trainer's `features_dir`.
     """
     folder = Path(features_dir) if features_dir is not None else None
     sequences = []
-    with open(path, encoding="utf-8") as handle:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
         for line in handle:
             record = json.loads(line)
             ids = (record["prompt_ids"] + record["response_ids"])[:max_len]
