@@ -397,3 +397,18 @@ def test_init_from_starts_from_a_draft(target, tmp_path):
     missing = TrainConfig(**base, init_from=str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match=r"\(--init-from\) .*missing: no draft there"):
         DraftTrainer(target, sequences, missing, tmp_path / "e")
+
+
+def test_init_from_keeps_the_start_vocabulary(target, tmp_path):
+    data = tmp_path / "data.jsonl"
+    write_data(target, data, count=4)
+    sequences = read_sequences(data, max_len=64)
+    base = dict(num_layers=1, block_size=4, num_tapped_layers=1, mask_token_id=1)
+    start = DraftTrainer(target, sequences[:2], TrainConfig(**base), tmp_path / "a")
+    save_draft(start.model, tmp_path / "start")
+    further = TrainConfig(**base, init_from=str(tmp_path / "start"))
+    warm = DraftTrainer(target, sequences[2:], further, tmp_path / "b")
+    old = {t for seq in sequences[:2] for t in seq.token_ids}
+    new = {t for seq in sequences[2:] for t in seq.token_ids}
+    assert old - new  # the new data lacks some tokens of the start draft
+    assert warm.model.config.draft_vocab_ids == tuple(sorted(old | new))

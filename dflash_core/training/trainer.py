@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dflash_core.checkpoint import load_draft, save_draft
+from dflash_core.checkpoint import load_draft, read_config_json, save_draft
 from dflash_core.draft import (
+    DraftConfig,
     DraftModel,
     default_target_layer_ids,
     draft_config_for_target,
@@ -123,6 +124,16 @@ def training_hardware(device: torch.device) -> str:
     return f"{cpu} {torch.get_num_threads()} threads, {torch_version}"
 
 
+def read_initial_config(folder: str) -> DraftConfig:
+    """Read the config of the draft a run starts from (`init_from`)."""
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"init_from (--init-from) {folder}: no draft there; pass a folder with "
+            "config.json and model.safetensors, such as a training run's --out folder"
+        )
+    return DraftConfig.from_hf(read_config_json(folder))
+
+
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     """Learning-rate factor: linear warm-up, then cosine decay to zero."""
     if step < warmup:
@@ -152,10 +163,15 @@ class DraftTrainer:
         head = self.target.lm_head.weight.detach()
         vocab_size = head.shape[0]
         vocab_ids: tuple[int, ...] = ()
+        start_config = read_initial_config(config.init_from) if config.init_from else None
         if config.train_vocab == "data":
             # The loss scores these rows of the LM head; label_rows maps a token to its row
             # (-100: not scored). The draft keeps the list and proposes only these tokens.
-            vocab_ids = tuple(sorted({t for s in sequences for t in s.token_ids}))
+            # A draft trained further keeps every token it could propose before.
+            tokens = {t for s in sequences for t in s.token_ids}
+            if start_config is not None:
+                tokens.update(start_config.draft_vocab_ids)
+            vocab_ids = tuple(sorted(tokens))
             ids = torch.tensor(vocab_ids, dtype=torch.long)
             self.head = head[ids].contiguous()
             self.label_rows = torch.full((vocab_size,), -100, dtype=torch.long)
@@ -200,11 +216,6 @@ class DraftTrainer:
 
     def _load_initial_weights(self, folder: str) -> None:
         """Start from the weights of the draft in `folder`; its shapes must match this run's."""
-        if not (Path(folder) / "config.json").is_file():
-            raise FileNotFoundError(
-                f"init_from (--init-from) {folder}: no draft there; pass a folder with "
-                "config.json and model.safetensors, such as a training run's --out folder"
-            )
         start = load_draft(folder)
         ours, theirs = self.model.state_dict(), start.state_dict()
         differ = sorted(
