@@ -287,12 +287,15 @@ def test_teacher_cache_holds_target_top_k(target, tmp_path):
     trainer = DraftTrainer(target, sequences, config, tmp_path / "out")
     trainer.train()
     assert teacher_file(tmp_path / "out", 5).is_file()
-    ids = torch.tensor([sequences[1].token_ids])
+    seq = sequences[1]
+    ids = torch.tensor([seq.token_ids])
     out = target(ids, target.new_cache(1, ids.shape[1]), torch.tensor([0]))
     expected = target.logits(out.hidden[0]).softmax(-1).topk(5, dim=-1)
     top_ids, top_probs = trainer.teacher[1]
-    assert torch.equal(top_ids.long(), expected.indices)
-    assert_close(top_probs.float(), expected.values, 1e-3, "top-k probabilities")
+    start = seq.response_start  # rows before it (the prompt) are never read, and stay zero
+    assert torch.equal(top_ids[start:].long(), expected.indices[start:])
+    assert_close(top_probs[start:].float(), expected.values[start:], 1e-3, "top-k probabilities")
+    assert not top_probs[:start].any()
 
 
 def test_top1_teacher_on_greedy_data_equals_labels(target, tmp_path):

@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 class TargetStates:
     tapped: torch.Tensor  # [seq_len, n * hidden] bf16 on the CPU
     # The target's top_k likeliest tokens after each position ([seq_len, top_k] int32) and their
-    # probabilities at temperature 1 ([seq_len, top_k] float16); None without distillation.
+    # probabilities at temperature 1 ([seq_len, top_k] float16), zero in the prompt rows; None
+    # without distillation.
     top_ids: torch.Tensor | None = None
     top_probs: torch.Tensor | None = None
 
@@ -65,9 +66,15 @@ def run_target(
         if top_k == 0:
             results.append(TargetStates(tapped))
             continue
-        probs = target.logits(out.hidden[0]).softmax(-1)  # [seq_len, vocab] fp32
-        top = probs.topk(top_k, dim=-1)
-        results.append(TargetStates(tapped, top.indices.int().cpu(), top.values.half().cpu()))
+        # Training reads these rows only after the prompt; prompt rows stay zero (no tokens).
+        first = seq.response_start
+        logits = target.logits(out.hidden[0, first:])  # [seq_len - first, vocab] fp32
+        top = logits.topk(top_k, dim=-1)
+        top_ids = torch.zeros(len(seq.token_ids), top_k, dtype=torch.int32)
+        top_probs = torch.zeros(len(seq.token_ids), top_k, dtype=torch.float16)
+        top_ids[first:] = top.indices.int().cpu()
+        top_probs[first:] = (top.values - logits.logsumexp(-1, keepdim=True)).exp().half().cpu()
+        results.append(TargetStates(tapped, top_ids, top_probs))
     return results
 
 
