@@ -297,7 +297,8 @@ def register(commands: argparse._SubParsersAction, add_model_arguments) -> None:
         choices=tuple(PRECISIONS),
         default=DEFAULTS.precision,
         help="bfloat16 runs the forward pass under bf16 autocast, about 1.5x faster on CPUs "
-        "with AVX-512 BF16 and on GPUs (default: float32)",
+        "with AVX-512 BF16 and on GPUs, but many times slower on CPUs without them "
+        "(default: float32)",
     )
     train.add_argument(
         "--distill-weight",

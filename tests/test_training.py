@@ -415,3 +415,10 @@ def test_init_from_keeps_the_start_vocabulary(target, tmp_path):
     new = {t for seq in sequences[2:] for t in seq.token_ids}
     assert old - new  # the new data lacks some tokens of the start draft
     assert warm.model.config.draft_vocab_ids == tuple(sorted(old | new))
+
+
+def test_bf16_on_cpu_without_bf16_instructions_warns(target, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("dflash_core.training.trainer.cpu_has_bf16_instructions", lambda: False)
+    config = TrainConfig(num_layers=1, block_size=4, num_tapped_layers=1, precision="bfloat16")
+    DraftTrainer(target, [], config, tmp_path)
+    assert "pass --precision float32" in caplog.text
