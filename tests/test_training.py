@@ -241,7 +241,7 @@ def test_grown_data_taps_only_new_records(target, tmp_path, monkeypatch):
         assert torch.equal(got, want)
 
 
-def test_data_folders_sharing_record_ids_keep_their_own_states(target, tmp_path):
+def test_data_folders_with_shared_ids(target, tmp_path):
     # Two datagen runs over the same prompts (say greedy and sampled) reuse the record ids.
     write_data(target, tmp_path / "short" / "data.jsonl", count=3, max_new_tokens=10)
     write_data(target, tmp_path / "long" / "data.jsonl", count=3, max_new_tokens=30)
@@ -264,7 +264,7 @@ def test_data_folders_sharing_record_ids_keep_their_own_states(target, tmp_path)
         assert torch.equal(got, want)
 
 
-def test_repeated_record_id_in_one_folder_is_rejected(target, tmp_path):
+def test_repeated_record_id_rejected(target, tmp_path):
     write_data(target, tmp_path / "data.jsonl", count=2)
     sequences = read_sequences(tmp_path / "data.jsonl", max_len=64, features_dir=tmp_path)
     config = TrainConfig(num_layers=1, block_size=4, num_tapped_layers=1, epochs=1)
@@ -298,7 +298,7 @@ def test_teacher_cache_holds_target_top_k(target, tmp_path):
     assert not top_probs[:start].any()
 
 
-def test_top1_teacher_on_greedy_data_equals_labels(target, tmp_path):
+def test_top1_teacher_equals_greedy_labels(target, tmp_path):
     # On greedy responses each token is the target's top-1 pick, so a top-1 teacher is the
     # data's token and the soft loss equals the plain cross-entropy.
     write_data(target, tmp_path / "data.jsonl", count=3)
@@ -417,7 +417,7 @@ def test_init_from_keeps_the_start_vocabulary(target, tmp_path):
     assert warm.model.config.draft_vocab_ids == tuple(sorted(old | new))
 
 
-def test_bf16_on_cpu_without_bf16_instructions_warns(target, tmp_path, monkeypatch, caplog):
+def test_bf16_without_cpu_support_warns(target, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr("dflash_core.training.trainer.cpu_has_bf16_instructions", lambda: False)
     config = TrainConfig(num_layers=1, block_size=4, num_tapped_layers=1, precision="bfloat16")
     DraftTrainer(target, [], config, tmp_path)

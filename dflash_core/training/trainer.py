@@ -17,8 +17,8 @@ also makes its LM head cheap there; `train_vocab="full"` trains and drafts over 
 
 `distill_weight` > 0 mixes a soft-label loss into each slot's cross-entropy: the target's own
 top-k distribution for that token (renormalised over the draft's vocabulary) as the label. It
-carries more per token than the one token in the data, and for sampled responses its argmax,
-which greedy verification checks against, is the target's pick rather than the sampled token.
+carries more per token than the one token in the data. For sampled responses its argmax is the
+target's own pick, which greedy verification checks against, rather than the sampled token.
 """
 
 from __future__ import annotations
