@@ -13,7 +13,7 @@ class TrainingSequence:
     record_id: str
     token_ids: list[int]  # prompt followed by the target's response
     response_start: int
-    # The folder whose cache files hold this sequence's target states (None: the trainer's).
+    # The folder whose cache files contain this sequence's target states (None: the trainer's).
     features_dir: Path | None = None
 
 

@@ -44,7 +44,7 @@ def teacher_file(folder: str | Path, top_k: int) -> Path:
 
 
 def sequence_key(seq: TrainingSequence) -> tuple[int, int]:
-    """Return the length and checksum of a sequence's tokens; a cache entry must match both."""
+    """Return the length and checksum of a sequence's tokens. A cache entry must match both."""
     return len(seq.token_ids), hash(tuple(seq.token_ids))
 
 
@@ -55,7 +55,7 @@ def run_target(
     layer_ids: tuple[int, ...],
     top_k: int = 0,
 ) -> list[TargetStates]:
-    """Run the target over every sequence; top_k > 0 also keeps its top-k distributions."""
+    """Run the target over every sequence. With top_k > 0 it also keeps the top-k distributions."""
     results = []
     device = target.device
     for seq in tqdm(sequences, desc="target hidden states", unit="seq"):
@@ -66,7 +66,7 @@ def run_target(
         if top_k == 0:
             results.append(TargetStates(tapped))
             continue
-        # Training reads these rows only after the prompt; prompt rows stay zero (no tokens).
+        # Training reads only the rows after the prompt, so the prompt rows stay zero.
         first = seq.response_start
         logits = target.logits(out.hidden[0, first:])  # [seq_len - first, vocab] fp32
         top = logits.topk(top_k, dim=-1)
@@ -96,8 +96,10 @@ def load_or_run_target(
     layer_ids: tuple[int, ...],
     top_k: int = 0,
 ) -> list[TargetStates]:
-    """Return the target states of sequences cached in `folder`, running the target only for
-    the records a cache file lacks (or holds for other tokens)."""
+    """Return the target states of sequences cached in `folder`.
+
+    The target runs only for records that a cache file lacks or stores for other tokens.
+    """
     seen: set[str] = set()
     for seq in sequences:
         if seq.record_id in seen:
