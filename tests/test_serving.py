@@ -457,30 +457,61 @@ def test_client_cli_names_out_of_range_option(caplog, option, value, limit):
 
 
 @pytest.mark.slow
-def test_local_cluster_start_retries_gcs_timeout(monkeypatch, caplog):
-    """A GCS server that writes no port file in time fails one start; the second start runs."""
+def test_local_cluster_start_retries_start_timeouts(monkeypatch, caplog):
+    """A GCS server that writes no port file in time and a raylet that does not register in time
+    each fail one start; the third start runs (a fourth is allowed here, in case the real start
+    times out on a loaded machine)."""
     import ray
 
     from deployments import server
 
     real_init = ray.init
+    injected = [
+        RuntimeError("Timed out waiting for file /tmp/ray/session_x/gcs_server_port_y"),
+        Exception("The current node timed out during startup. This could happen because ..."),
+    ]
     calls = []
 
-    def init_failing_once(**kwargs):
+    def init_failing_twice(**kwargs):
         calls.append(kwargs)
-        if len(calls) == 1:
-            raise RuntimeError("Timed out waiting for file /tmp/ray/session_x/gcs_server_port_y")
+        if len(calls) <= len(injected):
+            raise injected[len(calls) - 1]
         return real_init(**kwargs)
 
-    monkeypatch.setattr(ray, "init", init_failing_once)
+    monkeypatch.setattr(ray, "init", init_failing_twice)
+    monkeypatch.setattr(server, "LOCAL_START_ATTEMPTS", 4)
     server.start_local_cluster(num_cpus=1, num_gpus=0, runtime_env={})
     try:
-        assert len(calls) == 2
+        assert len(calls) >= 3
         assert ray.is_initialized()
-        assert "did not start: Timed out waiting for file" in caplog.text
+        assert "(attempt 1 of 4): Timed out waiting for file" in caplog.text
+        assert "(attempt 2 of 4): The current node timed out during startup" in caplog.text
     finally:
         server.shutdown()
     assert not ray.is_initialized()
+
+
+def test_failed_local_cluster_start_stops_its_processes(monkeypatch):
+    """Processes that a failed ray.init left behind are stopped at once, not after the 30 s
+    that a shutdown waits for a cluster's processes to exit by themselves."""
+    import ray
+
+    from deployments import server
+
+    left = []
+
+    def init_leaving_a_process(**kwargs):
+        left.append(subprocess.Popen(["sleep", "600"]))
+        raise Exception("The current node timed out during startup.")
+
+    monkeypatch.setattr(ray, "init", init_leaving_a_process)
+    monkeypatch.setattr(server, "LOCAL_START_ATTEMPTS", 1)
+    started = time.monotonic()
+    with pytest.raises(Exception, match="timed out during startup"):
+        server.start_local_cluster(num_cpus=1, num_gpus=0, runtime_env={})
+    # psutil reaps the process, so Popen sees no exit status; it must simply be gone, in time.
+    assert left[0].poll() is not None
+    assert time.monotonic() - started < server.LOCAL_EXIT_TIMEOUT_S / 2
 
 
 def test_local_cluster_start_does_not_retry_other_errors(monkeypatch):
