@@ -491,7 +491,7 @@ def test_local_cluster_start_retries_start_timeouts(monkeypatch, caplog):
     assert not ray.is_initialized()
 
 
-def test_failed_local_cluster_start_stops_its_processes(monkeypatch):
+def test_failed_start_stops_processes(monkeypatch):
     """Processes that a failed ray.init left behind are stopped at once, not after the 30 s
     that a shutdown waits for a cluster's processes to exit by themselves."""
     import ray
