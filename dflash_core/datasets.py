@@ -199,7 +199,7 @@ class _DatasetSpec:
     eval_only_reason: str | None = None
     # Why the dataset has no eval split, or None for an eval dataset.
     train_only_reason: str | None = None
-    # True for a source row that is not a record of the dataset (in no split, not counted).
+    # Returns True for a source row that is not a record of the dataset (in no split, not counted).
     skip: Callable[[dict[str, Any]], bool] | None = None
 
 
