@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -205,8 +206,10 @@ def test_bench_reports_tau_and_speedup(tmp_path: Path):
 def test_datasets_command_lists_splits():
     done = run_dflash("datasets", timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "gsm8k       1187   132" in done.stdout
-    assert "mt_bench" in done.stdout
+    rows = {line.split()[0]: line.split()[1:3] for line in done.stdout.splitlines() if line}
+    assert rows["gsm8k"] == ["1187", "132"]
+    assert rows["mt_bench"] == ["0", "80"]
+    assert rows["math_algebra"] == ["1063", "0"]
 
 
 def free_port() -> int:
@@ -218,7 +221,9 @@ def free_port() -> int:
 def test_main_job_serves_what_generate_prints(tmp_path):
     """The README's main job: `dflash serve` with the default model and draft, one client call,
     the same completion as `dflash generate --json`; SIGTERM leaves no Ray process behind."""
-    prompt = "What is the capital of France?"
+    # A word problem: the draft, trained on math answers, gets blocks accepted on it (on "What is
+    # the capital of France?" its 8-token answer had none).
+    prompt = "Tom has 3 apples and buys 5 more. How many apples does he have?"
     grpc_port = free_port()
     serve = [sys.executable, "-m", "deployments.cli", "serve", "--grpc-port", str(grpc_port)]
     serve += ["--http-port", str(free_port())]
@@ -226,9 +231,15 @@ def test_main_job_serves_what_generate_prints(tmp_path):
     process = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=log, text=True)
 
     try:
-        ready, _, _ = select.select([process.stdout], [], [], 300)
-        assert ready, "dflash serve printed no endpoint within 300 s"
-        assert f"127.0.0.1:{grpc_port}" in process.stdout.readline()
+        # Ray's log lines from the cluster's workers can reach stdout before the endpoint line.
+        deadline = time.monotonic() + 300
+        printed = []
+        while not any(f"127.0.0.1:{grpc_port}" in line for line in printed):
+            wait = deadline - time.monotonic()
+            ready, _, _ = select.select([process.stdout], [], [], max(wait, 0))
+            assert ready, f"dflash serve printed no endpoint within 300 s: {printed}"
+            printed.append(process.stdout.readline())
+            assert printed[-1], f"dflash serve exited before printing its endpoint: {printed}"
         client = [sys.executable, "-m", "deployments.cli", "client", "generate"]
         client += ["--target", f"127.0.0.1:{grpc_port}", "--prompt", prompt, "--json"]
         done = subprocess.run(client, capture_output=True, text=True, timeout=600)
