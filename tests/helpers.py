@@ -63,3 +63,21 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what
     assert error.max() <= atol, (
         f"{what}: max abs error {error.max():.3g}, mean {error.mean():.3g} (atol {atol})"
     )
+
+
+def wait_for_endpoint(process, address: str, timeout: float) -> None:
+    """Read `dflash serve` stdout until the line with `address`, failing after `timeout` s.
+
+    Ray's log lines from the cluster's workers can reach stdout before the endpoint line.
+    """
+    import select
+    import time
+
+    deadline = time.monotonic() + timeout
+    printed: list[str] = []
+    while not any(address in line for line in printed):
+        wait = max(deadline - time.monotonic(), 0)
+        ready, _, _ = select.select([process.stdout], [], [], wait)
+        assert ready, f"dflash serve printed no endpoint within {timeout} s: {printed}"
+        printed.append(process.stdout.readline())
+        assert printed[-1], f"dflash serve exited before printing its endpoint: {printed}"

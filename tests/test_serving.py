@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import select
 import shutil
 import signal
 import socket
@@ -44,7 +43,7 @@ from dflash_core.fetch import DEFAULT_MODEL, resolve_model
 from dflash_core.pipeline import build_engine, encode_prompt, load_target_and_tokenizer
 from dflash_core.sampling import SamplingParams
 from dflash_core.scheduler import Scheduler
-from tests.helpers import save_random_hf_model
+from tests.helpers import save_random_hf_model, wait_for_endpoint
 
 VOCAB = 49152
 MAX_TOKENS = 24
@@ -316,10 +315,7 @@ def test_serve_cli_stops_cleanly_on_sigterm(model_folder, reference, tmp_path):
     log = open(tmp_path / "serve.log", "w")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
-        ready, _, _ = select.select([process.stdout], [], [], 120)
-        assert ready, "dflash serve printed no endpoint within 120 s"
-        line = process.stdout.readline()
-        assert f"127.0.0.1:{grpc_port}" in line, line
+        wait_for_endpoint(process, f"127.0.0.1:{grpc_port}", timeout=120)
         with DFlashClient(f"127.0.0.1:{grpc_port}") as client:
             client.wait_until_ready(timeout=60)
             response = client.generate(request(PROMPTS[0]), timeout=120)

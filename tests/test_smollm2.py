@@ -1,12 +1,10 @@
 """End-to-end checks on the real SmolLM2-135M-Instruct target."""
 
 import json
-import select
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -20,6 +18,7 @@ from dflash_core.pipeline import (
     shipped_draft,
 )
 from dflash_core.sampling import SamplingParams
+from tests.helpers import wait_for_endpoint
 
 pytestmark = pytest.mark.slow
 
@@ -231,15 +230,7 @@ def test_main_job_serves_what_generate_prints(tmp_path):
     process = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=log, text=True)
 
     try:
-        # Ray's log lines from the cluster's workers can reach stdout before the endpoint line.
-        deadline = time.monotonic() + 300
-        printed = []
-        while not any(f"127.0.0.1:{grpc_port}" in line for line in printed):
-            wait = deadline - time.monotonic()
-            ready, _, _ = select.select([process.stdout], [], [], max(wait, 0))
-            assert ready, f"dflash serve printed no endpoint within 300 s: {printed}"
-            printed.append(process.stdout.readline())
-            assert printed[-1], f"dflash serve exited before printing its endpoint: {printed}"
+        wait_for_endpoint(process, f"127.0.0.1:{grpc_port}", timeout=300)
         client = [sys.executable, "-m", "deployments.cli", "client", "generate"]
         client += ["--target", f"127.0.0.1:{grpc_port}", "--prompt", prompt, "--json"]
         done = subprocess.run(client, capture_output=True, text=True, timeout=600)
