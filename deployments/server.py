@@ -114,9 +114,9 @@ LOCAL_SERVE_TIMEOUTS = {
 }
 # Seconds shutdown() waits for the processes of a local cluster to exit before killing them.
 LOCAL_EXIT_TIMEOUT_S = 30.0
-# Starts of a local cluster tried before giving up, and the errors that make one retry: the GCS
-# server wrote no port file in time, or the raylet did not register with the GCS within the 30 s
-# that ray.init allows it (a constant in Ray, not a setting).
+# Starts of a local cluster tried before giving up. Two errors make one retry: the GCS server
+# wrote no port file in time, or the raylet did not register with the GCS within the 30 s that
+# ray.init allows it (a constant in Ray, not a setting).
 LOCAL_START_ATTEMPTS = 3
 START_TIMEOUTS = ("Timed out waiting for file", "timed out during startup")
 # Processes that were children of this process before start() made a local cluster; None while
@@ -175,7 +175,7 @@ def stop_local_processes(failed_start: bool = False) -> None:
 
     ray.shutdown() stops the head's processes but does not wait for the workers. Waiting keeps
     a cluster started next on this machine from competing with a dying one; a process still
-    running after LOCAL_EXIT_TIMEOUT_S is killed. After a failed ray.init, Ray holds no handle on
+    running after LOCAL_EXIT_TIMEOUT_S is killed. After a failed ray.init, Ray keeps no handle on
     the processes it started (ray.shutdown() does not stop them), so they are sent SIGTERM here.
     """
     import ray

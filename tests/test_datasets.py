@@ -443,8 +443,8 @@ def test_real_split_sizes(name):
 
 @pytest.mark.network
 def test_real_math_subjects_exclude_math500():
-    """The subject files hold the 5,000 MATH test problems; the datasets keep the 4,500 that are
-    not in MATH-500, and no math500 problem (of either split) is in them."""
+    """The subject files contain the 5,000 MATH test problems. The datasets keep the 4,500 that
+    are not in MATH-500, so no math500 problem of either split is in them."""
     math500 = {row["doc"]["problem"].strip() for row in read_raw_rows("math500")}
     kept, rows = set(), 0
     for name in MATH_SUBJECT_DATASETS:

@@ -454,9 +454,9 @@ def test_client_cli_names_out_of_range_option(caplog, option, value, limit):
 
 @pytest.mark.slow
 def test_local_cluster_start_retries_start_timeouts(monkeypatch, caplog):
-    """A GCS server that writes no port file in time and a raylet that does not register in time
-    each fail one start; the third start runs (a fourth is allowed here, in case the real start
-    times out on a loaded machine)."""
+    """A GCS port-file timeout and a raylet registration timeout each fail one start, and the
+    third start runs. A fourth is allowed here in case the real start times out on a loaded
+    machine."""
     import ray
 
     from deployments import server
@@ -505,7 +505,7 @@ def test_failed_start_stops_processes(monkeypatch):
     started = time.monotonic()
     with pytest.raises(Exception, match="timed out during startup"):
         server.start_local_cluster(num_cpus=1, num_gpus=0, runtime_env={})
-    # psutil reaps the process, so Popen sees no exit status; it must simply be gone, in time.
+    # psutil reaps the process, so Popen gets no exit status. The test checks that it exited in time.
     assert left[0].poll() is not None
     assert time.monotonic() - started < server.LOCAL_EXIT_TIMEOUT_S / 2
 

@@ -220,8 +220,8 @@ def free_port() -> int:
 def test_main_job_serves_what_generate_prints(tmp_path):
     """The README's main job: `dflash serve` with the default model and draft, one client call,
     the same completion as `dflash generate --json`; SIGTERM leaves no Ray process behind."""
-    # A word problem: the draft, trained on math answers, gets blocks accepted on it (on "What is
-    # the capital of France?" its 8-token answer had none).
+    # A word problem, because the draft was trained on math responses and gets blocks accepted
+    # there. On "What is the capital of France?" its 8-token response had none accepted.
     prompt = "Tom has 3 apples and buys 5 more. How many apples does he have?"
     grpc_port = free_port()
     serve = [sys.executable, "-m", "deployments.cli", "serve", "--grpc-port", str(grpc_port)]
