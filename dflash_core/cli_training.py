@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dflash_core.bench import DEFAULT_BENCH_LIMIT, DEFAULT_BENCH_MAX_NEW_TOKENS, run_bench
 from dflash_core.datasets import EVAL_DATASETS, TRAIN_DATASETS, dataset_table, load_prompts
+from dflash_core.draft import default_target_layer_ids
 from dflash_core.engine import DEFAULT_PROPOSAL, SpeculativeEngine
 from dflash_core.fetch import DEFAULT_MODEL
 from dflash_core.pipeline import (
@@ -24,6 +25,7 @@ from dflash_core.pipeline import (
 from dflash_core.sampling import PROPOSAL_MODES, SamplingParams
 from dflash_core.training.data import read_sequences
 from dflash_core.training.datagen import generate_responses
+from dflash_core.training.target_states import StateRecorder
 from dflash_core.training.trainer import (
     PRECISIONS,
     TRAIN_VOCABS,
@@ -45,6 +47,11 @@ def run_datasets(args: argparse.Namespace) -> int:
 
 
 def run_datagen(args: argparse.Namespace) -> int:
+    if args.tapped_layers < 0:
+        raise ValueError(
+            f"--tapped-layers {args.tapped_layers} is negative; pass the number of target "
+            "layers the draft will read, or 0 to record no target states"
+        )
     target = load_target_and_tokenizer(args.target, device=args.device)
     prompts = []
     for name in args.datasets.split(","):
@@ -53,6 +60,11 @@ def run_datagen(args: argparse.Namespace) -> int:
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed
     )
+    recorder = None
+    if args.tapped_layers:
+        layer_ids = default_target_layer_ids(target.model.config.num_layers, args.tapped_layers)
+        recorder = StateRecorder(args.out, layer_ids, args.max_len)
+        logger.info("recording the target states of layers %s for training", list(layer_ids))
     longest = max(len(ids) for _, ids in prompts) + params.max_new_tokens + 1
     engine = SpeculativeEngine(
         target.model,
@@ -60,10 +72,12 @@ def run_datagen(args: argparse.Namespace) -> int:
         max_seq_len=longest,
         num_slots=args.max_batch_size,
         eos_token_ids=target.eos_token_ids,
+        tap_layer_ids=recorder.layer_ids if recorder else (),
+        on_tapped=recorder.add if recorder else None,
     )
     out = Path(args.out) / RESPONSES_FILE
     logger.info("generating responses for %d prompts into %s", len(prompts), out)
-    written = generate_responses(engine, prompts, out, params)
+    written = generate_responses(engine, prompts, out, params, recorder)
     logger.info("wrote %d responses to %s", written, out)
     return 0
 
@@ -233,6 +247,21 @@ def register(commands: argparse._SubParsersAction, add_model_arguments) -> None:
     datagen.add_argument(
         "--max-batch-size", type=int, default=8, help="responses generated together (default 8)"
     )
+    datagen.add_argument(
+        "--tapped-layers",
+        type=int,
+        default=DEFAULTS.num_tapped_layers,
+        help="also save the target states of this many layers, as `dflash train "
+        f"--tapped-layers` reads them, so training skips its target pass (default "
+        f"{DEFAULTS.num_tapped_layers}; 0: save none)",
+    )
+    datagen.add_argument(
+        "--max-len",
+        type=int,
+        default=DEFAULT_TRAIN_MAX_LEN,
+        help=f"the `dflash train --max-len` the saved states are for (default "
+        f"{DEFAULT_TRAIN_MAX_LEN})",
+    )
     datagen.set_defaults(run=run_datagen)
 
     train = commands.add_parser("train", help="train a DFlash draft for a target")
@@ -318,7 +347,8 @@ def register(commands: argparse._SubParsersAction, add_model_arguments) -> None:
         "--init-from",
         default=None,
         metavar="DRAFT",
-        help="start from this draft's weights (same --layers, --block-size, --tapped-layers)",
+        help="start from this draft's weights (same --block-size and --tapped-layers; a larger "
+        "--layers adds layers that start as a no-op)",
     )
     train.add_argument(
         "--stop-at-step",

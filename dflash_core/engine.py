@@ -51,6 +51,12 @@ class SpeculativeEngine:
     `decode` turns token ids into text; without it results carry no text and stop strings
     are rejected. `proposal` picks how sampling rows choose draft tokens: "argmax" (one-hot
     q) or "sampled" (drawn from the draft distribution). Both keep the output lossless.
+
+    `tap_layer_ids` overrides the target layers tapped for the drafter (by default the
+    drafter's). `on_tapped(request_id, states)` receives, in order, the tapped states
+    [tokens, n * hidden] of every token the target runs for a request and keeps: the prompt at
+    prefill, then the tokens each step commits to its KV cache. Data generation records them
+    this way, so training needs no second pass of the target over the responses.
     """
 
     def __init__(
@@ -63,13 +69,18 @@ class SpeculativeEngine:
         eos_token_ids: tuple[int, ...] = (),
         decode: Callable[[list[int]], str] | None = None,
         proposal: str = DEFAULT_PROPOSAL,
+        tap_layer_ids: tuple[int, ...] | None = None,
+        on_tapped: Callable[[str, torch.Tensor], None] | None = None,
     ) -> None:
         if proposal not in PROPOSAL_MODES:
             raise ValueError(f"proposal {proposal!r} is invalid; choose one of {PROPOSAL_MODES}")
         self.target = target
         self.drafter = drafter
         self.block_size = drafter.block_size if drafter else 1
-        self.tap_layer_ids = drafter.target_layer_ids if drafter else ()
+        if tap_layer_ids is None:
+            tap_layer_ids = drafter.target_layer_ids if drafter else ()
+        self.tap_layer_ids = tuple(tap_layer_ids)
+        self.on_tapped = on_tapped
         self.max_seq_len = max_seq_len
         self.num_slots = num_slots
         self.cache = target.new_cache(num_slots, max_seq_len)
@@ -141,6 +152,8 @@ class SpeculativeEngine:
         logits = self.target.logits(out.hidden[0, -1:])  # [1, vocab]
         first = self._choose(seq, logits)
         seq.pending_context = out.tapped[0]
+        if self.on_tapped is not None:
+            self.on_tapped(seq.request_id, out.tapped[0])
         seq.pending_tokens = list(seq.prompt_ids)
         seq.commit([first], self._logprobs(seq, logits, [first]))
         seq.prefill_seconds = time.perf_counter() - began
@@ -193,6 +206,8 @@ class SpeculativeEngine:
             self.cache.truncate(seq.slot, start + num_seen)
             seq.pending_context = out.tapped[row, :num_seen]
             seq.pending_tokens = block[row, :num_seen].tolist()
+            if self.on_tapped is not None:
+                self.on_tapped(seq.request_id, seq.pending_context)
             kept = seq.commit(committed, self._logprobs(seq, logits[row], committed))
             seq.acceptance_lengths.append(kept)
         elapsed = time.perf_counter() - began

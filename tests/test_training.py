@@ -6,6 +6,7 @@ import torch
 
 from dflash_core.checkpoint import load_draft, save_draft
 from dflash_core.cli_training import find_data_file
+from dflash_core.draft import default_target_layer_ids
 from dflash_core.drafting import DFlashDrafter, DraftRequest
 from dflash_core.engine import SpeculativeEngine
 from dflash_core.sampling import SamplingParams
@@ -20,7 +21,13 @@ from dflash_core.training.blocks import (
 )
 from dflash_core.training.data import read_sequences
 from dflash_core.training.datagen import done_record_ids, generate_responses
-from dflash_core.training.target_states import features_file, tap_target, teacher_file
+from dflash_core.training.target_states import (
+    StateRecorder,
+    features_file,
+    load_or_run_target,
+    tap_target,
+    teacher_file,
+)
 from dflash_core.training.trainer import DraftTrainer, TrainConfig
 from tests.helpers import VOCAB, assert_close, random_target
 
@@ -111,6 +118,34 @@ def test_datagen_resumes_after_interruption(target, tmp_path):
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert sorted(r["record_id"] for r in records) == [f"toy/{i}" for i in range(5)]
     assert all(len(r["response_ids"]) == 40 for r in records)
+
+
+def test_datagen_records_the_states_training_reads(target, tmp_path, monkeypatch):
+    layer_ids = default_target_layer_ids(target.config.num_layers, 2)
+    # Sequences longer than max_len are cut by training; the recorder keys them the same way.
+    recorder = StateRecorder(tmp_path, layer_ids, max_len=34)
+    engine = SpeculativeEngine(
+        target, None, max_seq_len=80, num_slots=3, tap_layer_ids=layer_ids, on_tapped=recorder.add
+    )
+    gen = torch.Generator().manual_seed(4)
+    prompts = [
+        (f"toy/{i}", torch.randint(0, VOCAB, (3 + i,), generator=gen).tolist()) for i in range(5)
+    ]
+    out = tmp_path / "responses.jsonl"
+    generate_responses(engine, prompts, out, SamplingParams(max_new_tokens=30), recorder)
+    sequences = read_sequences(out, max_len=34, features_dir=tmp_path)
+    assert {len(seq.token_ids) for seq in sequences} == {33, 34}  # cut and uncut ones
+    expected = tap_target(target, sequences, layer_ids)
+
+    def no_target_pass(*args, **kwargs):
+        raise AssertionError("datagen should have saved every sequence's target states")
+
+    monkeypatch.setattr("dflash_core.training.target_states.run_target", no_target_pass)
+    found = load_or_run_target(target, tmp_path, sequences, layer_ids)
+    for seq, want, got in zip(sequences, expected, found):
+        assert got.tapped.shape == want.shape, seq.record_id
+        # Batched decoding and one full pass round to the same bf16 values, or one ulp apart.
+        torch.testing.assert_close(got.tapped[:-1], want[:-1], atol=1e-2, rtol=1e-2)
 
 
 def test_accepted_draft_tokens_stop_at_first_miss():
@@ -394,12 +429,45 @@ def test_init_from_starts_from_a_draft(target, tmp_path):
         assert torch.equal(warm.model.state_dict()[name], tensor), name
         fresh_differs |= not torch.equal(fresh.model.state_dict()[name], tensor)
     assert fresh_differs  # the seeds differ, so equal weights come from init_from
-    wider = TrainConfig(**{**base, "num_layers": 2}, init_from=str(tmp_path / "start"))
-    with pytest.raises(ValueError, match="does not fit this run.*--layers"):
-        DraftTrainer(target, sequences, wider, tmp_path / "d")
+    shallower = TrainConfig(**{**base, "num_layers": 0}, init_from=str(tmp_path / "start"))
+    with pytest.raises(ValueError, match="does not fit this run.*--layers no smaller than its 1"):
+        DraftTrainer(target, sequences, shallower, tmp_path / "d")
     missing = TrainConfig(**base, init_from=str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match=r"\(--init-from\) .*missing: no draft there"):
         DraftTrainer(target, sequences, missing, tmp_path / "e")
+
+
+def test_init_from_grows_a_draft_that_proposes_the_same(target, tmp_path):
+    data = tmp_path / "data.jsonl"
+    write_data(target, data, count=3)
+    sequences = read_sequences(data, max_len=64)
+    base = dict(block_size=4, num_tapped_layers=1, mask_token_id=1)
+    start = DraftTrainer(
+        target, sequences, TrainConfig(**base, num_layers=1, seed=5), tmp_path / "a"
+    )
+    save_draft(start.model, tmp_path / "start")
+    grown = DraftTrainer(
+        target,
+        sequences,
+        TrainConfig(**base, num_layers=3, init_from=str(tmp_path / "start")),
+        tmp_path / "b",
+    )
+    assert len(grown.model.layers) == 3
+    for name, tensor in start.model.layers[0].state_dict().items():
+        assert torch.equal(grown.model.layers[0].state_dict()[name], tensor), name
+    # The added layers are not all zero: only their output projections are, so they can learn.
+    assert grown.model.layers[2].self_attn.q_proj.weight.abs().sum() > 0
+    start.features = grown.features = tap_target(
+        target, sequences, start.model.config.target_layer_ids
+    )
+    for index in range(len(sequences)):
+        ours = grown.sequence_loss(index, torch.Generator().manual_seed(index))
+        theirs = start.sequence_loss(index, torch.Generator().manual_seed(index))
+        torch.testing.assert_close(ours[0], theirs[0])  # same loss: same logits
+        assert torch.equal(ours[2], theirs[2])  # same hits per slot
+    # Training moves the added layers away from the no-op start.
+    grown.train(stop_at_step=1)
+    assert grown.model.layers[2].mlp.down_proj.weight.abs().sum() > 0
 
 
 def test_init_from_keeps_the_start_vocabulary(target, tmp_path):

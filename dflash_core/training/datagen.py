@@ -16,6 +16,7 @@ from tqdm import tqdm
 from dflash_core.engine import SpeculativeEngine
 from dflash_core.sampling import SamplingParams
 from dflash_core.scheduler import Request, Scheduler
+from dflash_core.training.target_states import StateRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +39,22 @@ def done_record_ids(path: Path) -> set[str]:
     return done
 
 
+# Finished responses between two saves of the recorded target states.
+STATES_SAVE_EVERY = 256
+
+
 def generate_responses(
     engine: SpeculativeEngine,
     prompts: Iterable[tuple[str, list[int]]],
     out_path: str | Path,
     params: SamplingParams,
+    recorder: StateRecorder | None = None,
 ) -> int:
-    """Answer (record_id, prompt_ids) pairs with the engine; returns how many were written."""
+    """Answer (record_id, prompt_ids) pairs with the engine; returns how many were written.
+
+    With a `recorder` (which must be the engine's `on_tapped` hook) the tapped target states
+    of each finished response are saved too, every STATES_SAVE_EVERY responses and at the end.
+    """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = done_record_ids(out_path)
@@ -62,16 +72,26 @@ def generate_responses(
         open(out_path, "a", encoding="utf-8") as handle,
         tqdm(total=len(todo), desc="generating responses", unit="prompt") as progress,
     ):
-        while scheduler.has_work:
-            for result in scheduler.step():
-                record = {
-                    "record_id": result.request_id,
-                    "prompt_ids": prompt_ids[result.request_id],
-                    "response_ids": result.token_ids,
-                    "finish_reason": result.finish_reason,
-                }
-                handle.write(json.dumps(record) + "\n")
-                handle.flush()
-                written += 1
-                progress.update(1)
+        try:
+            while scheduler.has_work:
+                for result in scheduler.step():
+                    record = {
+                        "record_id": result.request_id,
+                        "prompt_ids": prompt_ids[result.request_id],
+                        "response_ids": result.token_ids,
+                        "finish_reason": result.finish_reason,
+                    }
+                    handle.write(json.dumps(record) + "\n")
+                    handle.flush()
+                    written += 1
+                    progress.update(1)
+                    if recorder is not None:
+                        tokens = record["prompt_ids"] + result.token_ids
+                        recorder.finish(result.request_id, tokens)
+                        if recorder.unsaved >= STATES_SAVE_EVERY:
+                            recorder.save()
+        finally:
+            # Responses already written keep their states even when the run is interrupted.
+            if recorder is not None:
+                recorder.save()
     return written

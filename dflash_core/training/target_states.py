@@ -43,9 +43,14 @@ def teacher_file(folder: str | Path, top_k: int) -> Path:
     return Path(folder) / f"target_top{top_k}.pt"
 
 
+def token_key(token_ids: list[int]) -> tuple[int, int]:
+    """Return the length and checksum of a token list. A cache entry must match both."""
+    return len(token_ids), hash(tuple(token_ids))
+
+
 def sequence_key(seq: TrainingSequence) -> tuple[int, int]:
-    """Return the length and checksum of a sequence's tokens. A cache entry must match both."""
-    return len(seq.token_ids), hash(tuple(seq.token_ids))
+    """Return the cache key of a training sequence's tokens."""
+    return token_key(seq.token_ids)
 
 
 @torch.inference_mode()
@@ -87,6 +92,62 @@ def tap_target(
 
 def _read_cache(path: Path) -> dict:
     return torch.load(path, weights_only=False)["records"] if path.is_file() else {}
+
+
+class StateRecorder:
+    """Keeps the tapped target states that data generation computes anyway, for training.
+
+    Generating a response runs the target over its prompt and every response token but the
+    last, so with the draft's tapped layers turned on the engine hands over almost every row
+    a training sequence needs; the last token's row is zero, which training never reads (a
+    block's context ends before its anchor, and anchors end two tokens before the end). The
+    states go to the data folder's cache, keyed like `load_or_run_target` keys them for
+    sequences cut at `max_len`, so training runs the target only on what the recorder missed.
+    """
+
+    def __init__(self, folder: str | Path, layer_ids: tuple[int, ...], max_len: int) -> None:
+        self.path = features_file(folder, layer_ids)
+        self.layer_ids = layer_ids
+        self.max_len = max_len
+        self.records = _read_cache(self.path)
+        self.pending: dict[str, list[torch.Tensor]] = {}
+        self.unsaved = 0
+
+    def add(self, request_id: str, states: torch.Tensor) -> None:
+        """Engine hook (`on_tapped`): the rows of the next tokens of one request."""
+        self.pending.setdefault(request_id, []).append(states.to(torch.bfloat16).cpu())
+
+    def finish(self, request_id: str, token_ids: list[int]) -> bool:
+        """File the rows of a finished response (prompt and response ids); False if they do not
+        cover the tokens, in which case training computes them instead."""
+        rows = self.pending.pop(request_id, [])
+        states = torch.cat(rows) if rows else torch.empty(0)
+        if states.shape[0] != len(token_ids) - 1:
+            logger.warning(
+                "record %s: %d tapped rows recorded for %d tokens, expected %d; training will "
+                "run the target on it",
+                request_id,
+                states.shape[0],
+                len(token_ids),
+                len(token_ids) - 1,
+            )
+            return False
+        ids = token_ids[: self.max_len]
+        padded = torch.cat([states, states.new_zeros(1, states.shape[1])])[: len(ids)]
+        self.records[request_id] = (token_key(ids), padded)
+        self.unsaved += 1
+        return True
+
+    def save(self) -> None:
+        """Write the cache file (atomically: a killed save leaves the old file)."""
+        if not self.unsaved:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".pt.partial")
+        torch.save({"layer_ids": list(self.layer_ids), "records": self.records}, partial)
+        partial.replace(self.path)
+        logger.info("saved tapped target states of %d records to %s", len(self.records), self.path)
+        self.unsaved = 0
 
 
 def load_or_run_target(

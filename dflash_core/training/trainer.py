@@ -235,22 +235,51 @@ class DraftTrainer:
     # ---- one sequence ----------------------------------------------------------------------
 
     def _load_initial_weights(self, folder: str) -> None:
-        """Start from the weights of the draft in `folder`; its shapes must match this run's."""
+        """Start from the weights of the draft in `folder`; its shapes must match this run's.
+
+        A run with more layers than that draft grows it: the draft's layers come first and each
+        added layer starts with zero output projections (attention o_proj, MLP down_proj), so
+        it adds nothing to the residual stream and the grown draft proposes exactly what the
+        start draft did until training changes it.
+        """
         start = load_draft(folder)
         ours, theirs = self.model.state_dict(), start.state_dict()
+        added = range(start.config.decoder.num_layers, self.model.config.decoder.num_layers)
+        grown = {f"layers.{index}." for index in added}
+
+        def is_added(name: str) -> bool:
+            return any(name.startswith(prefix) for prefix in grown)
+
         differ = sorted(
             name
             for name in ours.keys() | theirs.keys()
-            if name not in ours or name not in theirs or ours[name].shape != theirs[name].shape
+            if not (name in ours and is_added(name))
+            and (name not in ours or name not in theirs or ours[name].shape != theirs[name].shape)
         )
         if differ:
             raise ValueError(
                 f"the draft in {folder} does not fit this run ({len(differ)} tensors differ, "
-                f"first {differ[0]!r}); pass the --layers, --block-size, --tapped-layers and "
-                "--intermediate-size it was trained with"
+                f"first {differ[0]!r}); pass the --block-size, --tapped-layers and "
+                "--intermediate-size it was trained with, and --layers no smaller than its "
+                f"{start.config.decoder.num_layers}"
             )
-        self.model.load_state_dict(theirs)
-        logger.info("starting from the weights of the draft in %s", folder)
+        self.model.load_state_dict(theirs, strict=False)
+        for index in added:
+            layer = self.model.layers[index]
+            with torch.no_grad():
+                for projection in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                    projection.weight.zero_()
+                    if projection.bias is not None:
+                        projection.bias.zero_()
+        if added:
+            logger.info(
+                "starting from the weights of the draft in %s, grown from %d to %d layers",
+                folder,
+                start.config.decoder.num_layers,
+                self.model.config.decoder.num_layers,
+            )
+        else:
+            logger.info("starting from the weights of the draft in %s", folder)
 
     def sequence_loss(
         self, index: int, generator: torch.Generator
