@@ -121,8 +121,8 @@ def _gsm8k_record(row: dict[str, Any], index: int) -> PromptRecord:
     return PromptRecord("gsm8k", index, f"gsm8k/{index}", (prompt,), doc["answer"])
 
 
-# A whole number in running text: not part of a word ("1st"), a decimal ("2.50") or a longer
-# number; thousands may be grouped with commas ("1,200").
+# A whole number in running text, not part of a word ("1st"), a decimal ("2.50") or a longer
+# number. Thousands may be grouped with commas ("1,200").
 _WHOLE_NUMBER = re.compile(r"(?<![\w.,])(\d{1,3}(?:,\d{3})+|\d+)(?![\w]|[.,]\d)")
 
 
@@ -161,8 +161,10 @@ def renumber(text: str, seed: str) -> str:
 
 
 def _gsm8k_variant_record(row: dict[str, Any], index: int) -> PromptRecord:
-    """Format a GSM8K train question with new numbers (see `renumber`); no reference, since
-    the GSM8K solution no longer fits."""
+    """Format a GSM8K train question with new numbers (see `renumber`).
+
+    The record has no reference, because the GSM8K solution does not fit the new numbers.
+    """
     record_id = f"{GSM8K_VARIANTS}/{index}"
     question = renumber(_doc(row)["question"].strip(), record_id)
     prompt = f"{question}\n\n{MATH_INSTRUCTION}"

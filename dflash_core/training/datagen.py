@@ -52,8 +52,8 @@ def generate_responses(
 ) -> int:
     """Answer (record_id, prompt_ids) pairs with the engine; returns how many were written.
 
-    With a `recorder` (which must be the engine's `on_tapped` hook) the tapped target states
-    of each finished response are saved too, every STATES_SAVE_EVERY responses and at the end.
+    A `recorder` must also be the engine's `on_tapped` hook. It then saves the tapped target
+    states of each finished response, every STATES_SAVE_EVERY responses and at the end.
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

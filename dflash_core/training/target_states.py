@@ -95,14 +95,14 @@ def _read_cache(path: Path) -> dict:
 
 
 class StateRecorder:
-    """Keeps the tapped target states that data generation computes anyway, for training.
+    """Recorder of the tapped target states that data generation computes anyway.
 
     Generating a response runs the target over its prompt and every response token but the
-    last, so with the draft's tapped layers turned on the engine hands over almost every row
-    a training sequence needs; the last token's row is zero, which training never reads (a
-    block's context ends before its anchor, and anchors end two tokens before the end). The
-    states go to the data folder's cache, keyed like `load_or_run_target` keys them for
-    sequences cut at `max_len`, so training runs the target only on what the recorder missed.
+    last. With the draft's tapped layers turned on, the engine therefore hands over every row a
+    training sequence needs but the last one, which is left zero because training never reads
+    it: a block's context ends before its anchor, and anchors end two tokens before the end.
+    The states go to the data folder's cache with the key `load_or_run_target` gives a
+    sequence cut at `max_len`, so training runs the target only on what the recorder missed.
     """
 
     def __init__(self, folder: str | Path, layer_ids: tuple[int, ...], max_len: int) -> None:
@@ -114,18 +114,20 @@ class StateRecorder:
         self.unsaved = 0
 
     def add(self, request_id: str, states: torch.Tensor) -> None:
-        """Engine hook (`on_tapped`): the rows of the next tokens of one request."""
+        """Append the rows of a request's next tokens (the engine's `on_tapped` hook)."""
         self.pending.setdefault(request_id, []).append(states.to(torch.bfloat16).cpu())
 
     def finish(self, request_id: str, token_ids: list[int]) -> bool:
-        """File the rows of a finished response (prompt and response ids); False if they do not
-        cover the tokens, in which case training computes them instead."""
+        """Store the rows of a finished response, given its prompt and response ids.
+
+        Returns False when the rows do not cover the tokens. Training then computes them.
+        """
         rows = self.pending.pop(request_id, [])
         states = torch.cat(rows) if rows else torch.empty(0)
         if states.shape[0] != len(token_ids) - 1:
             logger.warning(
-                "record %s: %d tapped rows recorded for %d tokens, expected %d; training will "
-                "run the target on it",
+                "record %s: %d tapped rows recorded for %d tokens, expected %d, so training "
+                "will run the target on it",
                 request_id,
                 states.shape[0],
                 len(token_ids),
@@ -139,7 +141,7 @@ class StateRecorder:
         return True
 
     def save(self) -> None:
-        """Write the cache file (atomically: a killed save leaves the old file)."""
+        """Write the cache file through a temporary file, so a killed save keeps the old one."""
         if not self.unsaved:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)

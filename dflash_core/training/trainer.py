@@ -237,10 +237,10 @@ class DraftTrainer:
     def _load_initial_weights(self, folder: str) -> None:
         """Start from the weights of the draft in `folder`; its shapes must match this run's.
 
-        A run with more layers than that draft grows it: the draft's layers come first and each
-        added layer starts with zero output projections (attention o_proj, MLP down_proj), so
-        it adds nothing to the residual stream and the grown draft proposes exactly what the
-        start draft did until training changes it.
+        A run with more layers than that draft grows it. The draft's layers come first, and
+        each added layer starts with zero output projections (attention o_proj, MLP down_proj).
+        An added layer then adds nothing to the residual stream, so the grown draft proposes
+        exactly what the start draft did until training changes it.
         """
         start = load_draft(folder)
         ours, theirs = self.model.state_dict(), start.state_dict()
