@@ -1,5 +1,7 @@
 import gzip
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -146,6 +148,33 @@ def test_datagen_records_the_states_training_reads(target, tmp_path, monkeypatch
         assert got.tapped.shape == want.shape, seq.record_id
         # Batched decoding and one full pass round to the same bf16 values, or one ulp apart.
         torch.testing.assert_close(got.tapped[:-1], want[:-1], atol=1e-2, rtol=1e-2)
+
+
+def test_datagen_sigterm_saves_finished_states(target, tmp_path):
+    layer_ids = default_target_layer_ids(target.config.num_layers, 2)
+    recorder = StateRecorder(tmp_path, layer_ids, max_len=64)
+
+    sent = []
+
+    def add_then_stop(request_id, states):
+        # The first step after a response finished: stop the run like a job scheduler would.
+        recorder.add(request_id, states)
+        if recorder.unsaved and not sent:
+            sent.append(request_id)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    engine = SpeculativeEngine(
+        target, None, max_seq_len=80, num_slots=2, tap_layer_ids=layer_ids, on_tapped=add_then_stop
+    )
+    prompts = [(f"toy/{i}", list(range(3, 3 + 2 * i + 2))) for i in range(4)]
+    out = tmp_path / "responses.jsonl"
+    with pytest.raises(SystemExit):
+        generate_responses(engine, prompts, out, SamplingParams(max_new_tokens=12), recorder)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+    written = done_record_ids(out)
+    assert 1 <= len(written) < 4
+    saved = torch.load(features_file(tmp_path, layer_ids), weights_only=False)["records"]
+    assert set(saved) == written
 
 
 def test_accepted_draft_tokens_stop_at_first_miss():

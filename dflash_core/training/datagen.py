@@ -6,9 +6,12 @@ skipping the record ids already written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Iterable
+import signal
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tqdm import tqdm
@@ -43,6 +46,28 @@ def done_record_ids(path: Path) -> set[str]:
 STATES_SAVE_EVERY = 256
 
 
+@contextlib.contextmanager
+def sigterm_raises_exit() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit in the main thread while the block runs.
+
+    Python's default SIGTERM action ends the process without running `finally` blocks, so a
+    job scheduler that stops datagen would lose the target states not yet saved.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        logger.warning("datagen received signal %d: saving what is done, then exiting", signum)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def generate_responses(
     engine: SpeculativeEngine,
     prompts: Iterable[tuple[str, list[int]]],
@@ -71,6 +96,7 @@ def generate_responses(
     with (
         open(out_path, "a", encoding="utf-8") as handle,
         tqdm(total=len(todo), desc="generating responses", unit="prompt") as progress,
+        sigterm_raises_exit(),
     ):
         try:
             while scheduler.has_work:
