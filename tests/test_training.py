@@ -466,7 +466,7 @@ def test_init_from_starts_from_a_draft(target, tmp_path):
         DraftTrainer(target, sequences, missing, tmp_path / "e")
 
 
-def test_init_from_grows_a_draft_that_proposes_the_same(target, tmp_path):
+def test_init_from_grows_layers_as_no_ops(target, tmp_path):
     data = tmp_path / "data.jsonl"
     write_data(target, data, count=3)
     sequences = read_sequences(data, max_len=64)
@@ -482,10 +482,12 @@ def test_init_from_grows_a_draft_that_proposes_the_same(target, tmp_path):
         tmp_path / "b",
     )
     assert len(grown.model.layers) == 3
+
     for name, tensor in start.model.layers[0].state_dict().items():
         assert torch.equal(grown.model.layers[0].state_dict()[name], tensor), name
     # The added layers are not all zero: only their output projections are, so they can learn.
     assert grown.model.layers[2].self_attn.q_proj.weight.abs().sum() > 0
+
     start.features = grown.features = tap_target(
         target, sequences, start.model.config.target_layer_ids
     )
@@ -494,6 +496,7 @@ def test_init_from_grows_a_draft_that_proposes_the_same(target, tmp_path):
         theirs = start.sequence_loss(index, torch.Generator().manual_seed(index))
         torch.testing.assert_close(ours[0], theirs[0])  # same loss: same logits
         assert torch.equal(ours[2], theirs[2])  # same hits per slot
+
     # Training moves the added layers away from the no-op start.
     grown.train(stop_at_step=1)
     assert grown.model.layers[2].mlp.down_proj.weight.abs().sum() > 0
