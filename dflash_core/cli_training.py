@@ -49,8 +49,8 @@ def run_datasets(args: argparse.Namespace) -> int:
 def run_datagen(args: argparse.Namespace) -> int:
     if args.tapped_layers < 0:
         raise ValueError(
-            f"--tapped-layers {args.tapped_layers} is negative; pass the number of target "
-            "layers the draft will read, or 0 to record no target states"
+            f"--tapped-layers {args.tapped_layers} is invalid: pass the number of target "
+            "layers the draft will read, or 0 to save no target states"
         )
     target = load_target_and_tokenizer(args.target, device=args.device)
     prompts = []

