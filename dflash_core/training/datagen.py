@@ -65,7 +65,8 @@ def sigterm_raises_exit() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None means the earlier handler was not set from Python and cannot be put back.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def generate_responses(
